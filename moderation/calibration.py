@@ -1,0 +1,57 @@
+"""Choosing the flagging threshold from a labelled query set.
+
+The threshold is the lowest normalised score at which the pooled
+predictions still reach the target precision (0.90): the RP90 operating
+point. It belongs to a (model, statistics) pair because whitening and SN
+change the score scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from moderation.errors import ModerationError
+from moderation.matching import Candidate
+from moderation.metrics import Metrics, evaluate
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    threshold: float
+    target_precision: float
+    metrics: dict  # uap, uap_sn, rp90, recall_at_1, ...
+    reached: bool  # False: the target precision was never reached; threshold flags almost nothing
+
+
+def calibrate(candidates: list[Candidate], gt: Mapping[str, str | None],
+              target_precision: float = 0.9) -> CalibrationResult:
+    """Metrics on raw and normalised scores, and the threshold for ``target_precision``.
+
+    Raises ModerationError if the labelled set has no positive query.
+    """
+    if not any(r is not None for r in gt.values()):
+        raise ModerationError("the ground truth has no query with a reference; cannot calibrate")
+    unknown = {c.query_id for c in candidates} - set(gt)
+    if unknown:
+        raise ModerationError(f"{len(unknown)} queries are missing from the ground truth "
+                              f"(e.g. {sorted(unknown)[:3]})")
+    raw: Metrics = evaluate([_raw(c) for c in candidates], gt, target_precision)
+    sn: Metrics = evaluate([c.prediction() for c in candidates], gt, target_precision)
+    metrics = {
+        "uap": raw.uap, "uap_sn": sn.uap,
+        "rp90": raw.rp90, "rp90_sn": sn.rp90,
+        "recall_at_1": sn.recall_at_1,
+        "rp90_threshold_raw": raw.rp90_threshold,
+        "n_queries": len(gt), "n_positives": sn.n_positives, "n_predictions": sn.n_predictions,
+    }
+    if sn.rp90_threshold is None:
+        top = max((c.score for c in candidates), default=0.0)
+        return CalibrationResult(top + 1e-6, target_precision, metrics, reached=False)
+    return CalibrationResult(sn.rp90_threshold, target_precision, metrics, reached=True)
+
+
+def _raw(c: Candidate):
+    from moderation.metrics import Prediction
+
+    return Prediction(c.query_id, c.reference_id, c.raw_score)

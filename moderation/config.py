@@ -1,0 +1,151 @@
+"""The one settings object, read from ``MODERATION_*`` environment variables.
+
+With nothing set, all state lives under one home folder (``./.moderation``,
+moved by ``MODERATION_HOME``): a local object store in ``HOME/store`` and a
+SQLite review database in ``HOME/moderation.db``. That is the embedded
+default for a first run; production points ``MODERATION_DATABASE_URL`` at
+Postgres and ``MODERATION_STORE_URL`` at an S3/MinIO bucket.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from moderation.errors import ConfigError
+
+PREFIX = "MODERATION_"
+
+
+class Device(str, Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class ResizeMode(str, Enum):
+    """How images are brought to the network's input size.
+
+    SQUARE skews to ``size x size`` (SSCD's batched inference: fixed shapes
+    batch well and copy detection tolerates the skew); SHORT_EDGE keeps the
+    aspect ratio and resizes the short side to ``size`` (one image per
+    forward pass unless all share a shape).
+    """
+
+    SQUARE = "square"
+    SHORT_EDGE = "short_edge"
+
+
+class Postprocess(str, Enum):
+    """Descriptor post-processing fitted on background images."""
+
+    NONE = "none"
+    CENTER = "center"
+    WHITEN = "whiten"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of the system. Build with :meth:`from_env`.
+
+    Field ``foo_bar`` is read from ``MODERATION_FOO_BAR``.
+    """
+
+    home: Path = Path(".moderation")
+    database_url: str = ""  # default: sqlite under home
+    store_url: str = ""  # default: file://HOME/store ; or s3://BUCKET[/prefix]
+    s3_endpoint: str = ""  # host:port of MinIO / S3
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_secure: bool = False
+    s3_region: str = ""
+    device: Device = Device.AUTO
+    batch_size: int = 32
+    workers: int = 2
+    image_size: int = 320
+    resize_mode: ResizeMode = ResizeMode.SQUARE
+    topk: int = 10
+    sn_beta: float = 1.0
+    sn_neighbors: int = 3
+    postprocess: Postprocess = Postprocess.WHITEN
+    whiten_dim: int = 0  # 0: keep the descriptor's dimension
+    index_factory: str = "Flat"
+    threshold: float = 0.0  # 0: use the calibrated threshold of the model/stats pair
+    max_failure_rate: float = 0.2
+    max_image_pixels: int = 64_000_000
+    max_file_bytes: int = 50_000_000
+    evidence: bool = True
+    evidence_max_pixels: int = 256 * 256
+    evidence_retention_days: int = 90
+    claim_lease_seconds: int = 900
+    progress: bool = True
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read settings from ``env`` (default ``os.environ``).
+
+        Raises ConfigError naming the variable when a value does not parse.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = PREFIX + f.name.upper()
+            if name not in env or env[name] == "":
+                continue
+            values[f.name] = _parse(name, env[name], f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        return settings._with_defaults()
+
+    def _with_defaults(self) -> Settings:
+        home = Path(self.home).expanduser().resolve()
+        db = self.database_url or f"sqlite:///{home / 'moderation.db'}"
+        store = self.store_url or f"file://{home / 'store'}"
+        if self.batch_size < 1:
+            raise ConfigError("MODERATION_BATCH_SIZE must be at least 1")
+        if not 0.0 <= self.max_failure_rate <= 1.0:
+            raise ConfigError("MODERATION_MAX_FAILURE_RATE must be between 0 and 1")
+        if self.topk < 1:
+            raise ConfigError("MODERATION_TOPK must be at least 1")
+        return replace(self, home=home, database_url=db, store_url=store)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})._with_defaults()
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+
+_TYPES: dict[str, Any] = {
+    "Path": Path,
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "Device": Device,
+    "ResizeMode": ResizeMode,
+    "Postprocess": Postprocess,
+}
+
+
+def _parse(name: str, raw: str, type_name: Any) -> Any:
+    kind = _TYPES[type_name if isinstance(type_name, str) else type_name.__name__]
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return kind(raw.strip())
+    except ValueError:
+        allowed = ""
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            allowed = " (one of: " + ", ".join(m.value for m in kind) + ")"
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}{allowed}") from None

@@ -1,0 +1,439 @@
+"""The review database: SQLAlchemy models and the writes the pipeline makes.
+
+Postgres is the production database; its schema is the ordered SQL files in
+``sql/migrations/`` (applied by :func:`upgrade`, recorded in
+``schema_migrations``). The embedded default (SQLite) gets the same tables
+from these models with ``create_all``. ``tests/test_db_schema.py`` checks
+that the two agree.
+
+The database records what the object store holds; it is never the source
+of an artifact's bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text,
+                        UniqueConstraint, create_engine, delete, event, func, select, text)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from moderation.errors import ConfigError, ModerationError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "sql" / "migrations"
+_PACKAGED_MIGRATIONS = Path(__file__).resolve().parent / "sql_migrations"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class ModelVersionRow(Base):
+    __tablename__ = "model_versions"
+    version: Mapped[str] = mapped_column(String(200), primary_key=True)
+    backbone: Mapped[str] = mapped_column(String(100))
+    dim: Mapped[int] = mapped_column(Integer)
+    image_size: Mapped[int] = mapped_column(Integer)
+    resize_mode: Mapped[str] = mapped_column(String(20))
+    source: Mapped[str] = mapped_column(String(50))
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class StatsVersionRow(Base):
+    __tablename__ = "stats_versions"
+    version: Mapped[str] = mapped_column(String(200), primary_key=True)
+    model_version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
+    postprocess: Mapped[str] = mapped_column(String(20))
+    in_dim: Mapped[int] = mapped_column(Integer)
+    out_dim: Mapped[int] = mapped_column(Integer)
+    n_background: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IndexVersionRow(Base):
+    __tablename__ = "index_versions"
+    version: Mapped[str] = mapped_column(String(200), primary_key=True)
+    model_version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
+    stats_version: Mapped[str] = mapped_column(ForeignKey("stats_versions.version"))
+    count: Mapped[int] = mapped_column(Integer)
+    dim: Mapped[int] = mapped_column(Integer)
+    factory: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CalibrationRow(Base):
+    __tablename__ = "calibrations"
+    version: Mapped[str] = mapped_column(String(200), primary_key=True)
+    model_version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
+    stats_version: Mapped[str] = mapped_column(ForeignKey("stats_versions.version"))
+    threshold: Mapped[float] = mapped_column(Float)
+    target_precision: Mapped[float] = mapped_column(Float)
+    source: Mapped[str] = mapped_column(String(50))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class MatchRunRow(Base):
+    """One matching run per batch (a day, a folder). A rerun of a batch updates its row."""
+
+    __tablename__ = "match_runs"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    batch: Mapped[str] = mapped_column(String(300), unique=True)
+    status: Mapped[str] = mapped_column(String(20))  # running | complete | failed
+    model_version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
+    stats_version: Mapped[str] = mapped_column(ForeignKey("stats_versions.version"))
+    index_version: Mapped[str] = mapped_column(ForeignKey("index_versions.version"))
+    calibration_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    threshold: Mapped[float] = mapped_column(Float)
+    n_queries: Mapped[int] = mapped_column(Integer, default=0)
+    n_failed: Mapped[int] = mapped_column(Integer, default=0)
+    n_candidates: Mapped[int] = mapped_column(Integer, default=0)
+    n_flagged: Mapped[int] = mapped_column(Integer, default=0)
+    failures: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    candidates_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class FlaggedPairRow(Base):
+    __tablename__ = "flagged_pairs"
+    __table_args__ = (UniqueConstraint("run_id", "query_id", "reference_id",
+                                       name="flagged_pairs_run_query_reference_key"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("match_runs.id"))
+    query_id: Mapped[str] = mapped_column(String(300))
+    reference_id: Mapped[str] = mapped_column(String(300))
+    query_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reference_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    raw_score: Mapped[float] = mapped_column(Float)
+    score: Mapped[float] = mapped_column(Float)
+    rank: Mapped[int] = mapped_column(Integer)
+    evidence_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    heatmap_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ReviewDecisionRow(Base):
+    """Append-only: a pair's current state is its latest decision that is not undone."""
+
+    __tablename__ = "review_decisions"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("flagged_pairs.id"))
+    moderator: Mapped[str] = mapped_column(String(200))
+    decision: Mapped[str] = mapped_column(String(20))  # confirmed | rejected | unsure | undo
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    claim_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), nullable=True)
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+DECISIONS = ("confirmed", "rejected", "unsure")
+
+
+@dataclass(frozen=True)
+class FlaggedPair:
+    query_id: str
+    reference_id: str
+    raw_score: float
+    score: float
+    rank: int
+    query_key: str | None = None
+    reference_key: str | None = None
+    evidence_key: str | None = None
+    heatmap_key: str | None = None
+
+
+@dataclass
+class MatchRunRecord:
+    batch: str
+    model_version: str
+    stats_version: str
+    index_version: str
+    threshold: float
+    calibration_version: str | None = None
+    n_queries: int = 0
+    n_failed: int = 0
+    n_candidates: int = 0
+    failures: dict[str, Any] = field(default_factory=dict)
+    candidates_key: str | None = None
+
+
+class Database:
+    """A connection pool to the review database and the pipeline's writes."""
+
+    def __init__(self, url: str, *, echo: bool = False):
+        self.url = url
+        kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+            kwargs["connect_args"] = {"connect_timeout": 10}
+        self.engine: Engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    def check(self) -> None:
+        """Raise ConfigError (naming MODERATION_DATABASE_URL) if the database is unreachable."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("select 1"))
+        except OperationalError as exc:
+            raise ConfigError(
+                f"cannot connect to the review database ({_redact(self.url)}): {exc.orig}. "
+                "Check that it is running and MODERATION_DATABASE_URL is right.") from None
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # -- versions -------------------------------------------------------------------------
+
+    def record_version(self, row: Base) -> None:
+        """Insert a version row unless one with its primary key exists (idempotent)."""
+        with self.session() as s, s.begin():
+            if s.get(type(row), row.version) is None:  # type: ignore[attr-defined]
+                s.add(row)
+
+    def record_model(self, rec) -> None:
+        self.record_version(ModelVersionRow(
+            version=rec.version, backbone=rec.backbone, dim=rec.dim, image_size=rec.image_size,
+            resize_mode=rec.resize_mode, source=rec.source, threshold=rec.threshold,
+            metrics=_jsonable(rec.metrics), created_at=_parse_ts(rec.created_at)))
+
+    def update_model_metrics(self, version: str, metrics: dict, threshold: float | None) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(ModelVersionRow, version)
+            if row is not None:
+                row.metrics = _jsonable(metrics)
+                row.threshold = threshold
+
+    def record_stats(self, rec) -> None:
+        self.record_version(StatsVersionRow(
+            version=rec.version, model_version=rec.model_version, postprocess=rec.postprocess,
+            in_dim=rec.in_dim, out_dim=rec.out_dim, n_background=rec.n_background,
+            created_at=_parse_ts(rec.created_at)))
+
+    def record_index(self, rec) -> None:
+        self.record_version(IndexVersionRow(
+            version=rec.version, model_version=rec.model_version, stats_version=rec.stats_version,
+            count=rec.count, dim=rec.dim, factory=rec.factory, created_at=_parse_ts(rec.created_at)))
+
+    def record_calibration(self, rec) -> None:
+        self.record_version(CalibrationRow(
+            version=rec.version, model_version=rec.model_version, stats_version=rec.stats_version,
+            threshold=rec.threshold, target_precision=rec.target_precision, source=rec.source,
+            metrics=_jsonable(rec.metrics), created_at=_parse_ts(rec.created_at)))
+
+    def model_versions(self) -> list[ModelVersionRow]:
+        with self.session() as s:
+            return list(s.scalars(select(ModelVersionRow).order_by(ModelVersionRow.created_at)))
+
+    # -- match runs -----------------------------------------------------------------------
+
+    def start_run(self, run: MatchRunRecord) -> int:
+        """Create (or reset to ``running``) the run row of ``run.batch``; returns its id."""
+        with self.session() as s, s.begin():
+            row = s.scalar(select(MatchRunRow).where(MatchRunRow.batch == run.batch).with_for_update())
+            if row is None:
+                row = MatchRunRow(batch=run.batch, status="running")
+                s.add(row)
+            _fill_run(row, run)
+            row.status = "running"
+            row.started_at = utcnow()
+            row.finished_at = None
+            s.flush()
+            return row.id
+
+    def finish_run(self, run: MatchRunRecord, pairs: Sequence[FlaggedPair], chunk: int = 5000) -> int:
+        """Write a run's flagged pairs and mark it complete, in one transaction.
+
+        Idempotent: a pair already present for the run (same query and
+        reference) is updated, never duplicated; pairs of an earlier attempt
+        of this batch that are no longer flagged are removed unless a
+        moderator has already decided on them. Returns the run id.
+        """
+        with self.session() as s, s.begin():
+            row = s.scalar(select(MatchRunRow).where(MatchRunRow.batch == run.batch).with_for_update())
+            if row is None:
+                row = MatchRunRow(batch=run.batch, status="running")
+                s.add(row)
+            _fill_run(row, run)
+            s.flush()
+            run_id = row.id
+            self._upsert_pairs(s, run_id, pairs, chunk)
+            keep = {(p.query_id, p.reference_id) for p in pairs}
+            decided = select(ReviewDecisionRow.pair_id)
+            stale = [pid for pid, q, r in s.execute(
+                select(FlaggedPairRow.id, FlaggedPairRow.query_id, FlaggedPairRow.reference_id)
+                .where(FlaggedPairRow.run_id == run_id, FlaggedPairRow.id.not_in(decided)))
+                if (q, r) not in keep]
+            for i in range(0, len(stale), chunk):
+                s.execute(delete(FlaggedPairRow).where(FlaggedPairRow.id.in_(stale[i:i + chunk])))
+            row.n_flagged = s.scalar(select(func.count()).select_from(FlaggedPairRow)
+                                     .where(FlaggedPairRow.run_id == run_id))
+            row.status = "complete"
+            row.finished_at = utcnow()
+            return run_id
+
+    def _upsert_pairs(self, s: Session, run_id: int, pairs: Sequence[FlaggedPair], chunk: int) -> None:
+        if not pairs:
+            return
+        if self.is_postgres:
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        now = utcnow()
+        table = FlaggedPairRow.__table__
+        for i in range(0, len(pairs), chunk):
+            rows = [{**asdict(p), "run_id": run_id, "created_at": now} for p in pairs[i:i + chunk]]
+            stmt = insert(table).values(rows)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["run_id", "query_id", "reference_id"],
+                set_={c: getattr(stmt.excluded, c) for c in
+                      ("raw_score", "score", "rank", "query_key", "reference_key",
+                       "evidence_key", "heatmap_key")})
+            s.execute(stmt)
+
+    def fail_run(self, batch: str, message: str) -> None:
+        with self.session() as s, s.begin():
+            row = s.scalar(select(MatchRunRow).where(MatchRunRow.batch == batch))
+            if row is not None and row.status != "complete":
+                row.status = "failed"
+                row.failures = {**(row.failures or {}), "error": message[:2000]}
+                row.finished_at = utcnow()
+
+    def run(self, batch: str) -> MatchRunRow | None:
+        with self.session() as s:
+            return s.scalar(select(MatchRunRow).where(MatchRunRow.batch == batch))
+
+    def pairs(self, run_id: int | None = None) -> list[FlaggedPairRow]:
+        with self.session() as s:
+            q = select(FlaggedPairRow).order_by(FlaggedPairRow.score.desc(), FlaggedPairRow.id)
+            if run_id is not None:
+                q = q.where(FlaggedPairRow.run_id == run_id)
+            return list(s.scalars(q))
+
+    def flagged_counts_by_day(self, days: int = 30) -> list[tuple[str, int]]:
+        """(batch, flagged count) of the most recent complete runs, oldest first."""
+        with self.session() as s:
+            rows = s.execute(select(MatchRunRow.batch, MatchRunRow.n_flagged)
+                             .where(MatchRunRow.status == "complete")
+                             .order_by(MatchRunRow.started_at.desc()).limit(days)).all()
+        return [(b, n) for b, n in reversed(rows)]
+
+
+def _fill_run(row: MatchRunRow, run: MatchRunRecord) -> None:
+    row.model_version = run.model_version
+    row.stats_version = run.stats_version
+    row.index_version = run.index_version
+    row.calibration_version = run.calibration_version
+    row.threshold = run.threshold
+    row.n_queries = run.n_queries
+    row.n_failed = run.n_failed
+    row.n_candidates = run.n_candidates
+    row.failures = _jsonable(run.failures)
+    row.candidates_key = run.candidates_key
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.close()
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str)) if obj is not None else {}
+
+
+def _parse_ts(value: str | datetime | None) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    if not value:
+        return utcnow()
+    return datetime.fromisoformat(value)
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable url>"
+
+
+def migration_files(folder: Path | None = None) -> list[Path]:
+    folder = folder or (MIGRATIONS_DIR if MIGRATIONS_DIR.is_dir() else _PACKAGED_MIGRATIONS)
+    return sorted(p for p in folder.glob("*.sql") if p.name[:4].isdigit())
+
+
+def upgrade(db: Database, folder: Path | None = None) -> list[str]:
+    """Bring the schema up to date; returns the migrations applied now.
+
+    Postgres: applies each ``NNNN_*.sql`` not yet in ``schema_migrations``,
+    in order, each in its own transaction, under an advisory lock so two
+    upgrading processes never interleave. SQLite: ``create_all`` from the
+    models (the embedded default has no roles or server-side functions).
+    Raises ConfigError if the database is unreachable.
+    """
+    db.check()
+    if not db.is_postgres:
+        Base.metadata.create_all(db.engine)
+        return []
+    applied_now = []
+    with db.engine.connect() as conn:
+        conn.execute(text("select pg_advisory_lock(724411)"))
+        try:
+            conn.execute(text("create table if not exists schema_migrations ("
+                              "name text primary key, applied_at timestamptz not null default now())"))
+            conn.commit()
+            done = {r[0] for r in conn.execute(text("select name from schema_migrations"))}
+            for path in migration_files(folder):
+                if path.name in done:
+                    continue
+                sql = path.read_text()
+                with conn.begin():
+                    conn.exec_driver_sql(sql)
+                    conn.execute(text("insert into schema_migrations(name) values (:n)"), {"n": path.name})
+                applied_now.append(path.name)
+        finally:
+            conn.execute(text("select pg_advisory_unlock(724411)"))
+            conn.commit()
+    return applied_now
+
+
+def connect(url: str, *, migrate: bool = True) -> Database:
+    """Open the database at ``url`` and (by default) bring its schema up to date."""
+    if not url:
+        raise ConfigError("MODERATION_DATABASE_URL is empty")
+    db = Database(url)
+    if migrate:
+        upgrade(db)
+    return db
+
+
+def pairs_from(items: Iterable[Any]) -> list[FlaggedPair]:
+    return [FlaggedPair(**{k: getattr(i, k) for k in FlaggedPair.__dataclass_fields__}) for i in items]
+
+
+__all__ = ["Database", "FlaggedPair", "MatchRunRecord", "connect", "upgrade", "ModerationError"]

@@ -1,0 +1,290 @@
+"""Batched descriptor inference over an image source, with a vector cache.
+
+Decoding and preprocessing run in DataLoader workers; the model runs under
+``torch.inference_mode`` on the CPU or a GPU. Each image is identified by
+its id and the sha256 of its bytes. Vectors are cached per model version by
+sha256 in the object store (``embeddings/MODEL/PART.npz``), so a nightly
+rerun embeds only new or changed images, and several workers (or Airflow
+mapped tasks) share one cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from moderation.config import ResizeMode, Settings
+from moderation.errors import BatchFailedError
+from moderation.images import (Failure, ImageRef, decode_image, image_id_from, list_image_files,
+                               preprocess, sha256_hex)
+from moderation.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class ImageSource(Protocol):
+    """Where images come from. Must be picklable (DataLoader workers read through it)."""
+
+    def refs(self) -> list[ImageRef]: ...
+
+    def read(self, location: str) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    """Image files under a local folder; ids are file stems."""
+
+    root: Path
+
+    def refs(self) -> list[ImageRef]:
+        return [ImageRef(image_id_from(p.name), str(p)) for p in list_image_files(Path(self.root))]
+
+    def read(self, location: str) -> bytes:
+        return Path(location).read_bytes()
+
+
+@dataclass(frozen=True)
+class StoreSource:
+    """Objects under a prefix of the object store; ids are key stems.
+
+    Holds the settings rather than a client so that each worker process
+    opens its own connection.
+    """
+
+    settings: Settings
+    prefix: str
+    keys: tuple[str, ...] | None = None  # a shard: only these keys
+
+    def refs(self) -> list[ImageRef]:
+        from moderation.images import IMAGE_SUFFIXES
+        from moderation.store import open_store
+
+        keys = self.keys if self.keys is not None else [
+            k for k in open_store(self.settings).list(self.prefix) if k.lower().endswith(IMAGE_SUFFIXES)]
+        return [ImageRef(image_id_from(k), k) for k in keys]
+
+    def read(self, location: str) -> bytes:
+        return _worker_store(self.settings).get(location)
+
+
+_STORES: dict[str, ObjectStore] = {}
+
+
+def _worker_store(settings: Settings) -> ObjectStore:
+    from moderation.store import open_store
+
+    key = settings.store_url
+    if key not in _STORES:
+        _STORES[key] = open_store(settings)
+    return _STORES[key]
+
+
+@dataclass
+class EmbeddingResult:
+    """Vectors of the images that decoded, in ``refs`` order, and the failures."""
+
+    refs: list[ImageRef]
+    vectors: np.ndarray
+    failures: list[Failure] = field(default_factory=list)
+    cached: int = 0
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.image_id for r in self.refs]
+
+    @property
+    def total(self) -> int:
+        return len(self.refs) + len(self.failures)
+
+
+class VectorCache:
+    """Vectors by sha256 for one model version, stored as npz parts in the object store."""
+
+    def __init__(self, store: ObjectStore | None, model_version: str):
+        self.store = store
+        self.prefix = f"embeddings/{model_version}/"
+        self._vectors: dict[str, np.ndarray] = {}
+        if store is not None:
+            for key in store.list(self.prefix):
+                if key.endswith(".npz"):
+                    self._load_part(store.get(key))
+
+    def _load_part(self, data: bytes) -> None:
+        import io
+
+        with np.load(io.BytesIO(data), allow_pickle=False) as part:
+            for sha, vec in zip(part["sha256"], part["vectors"]):
+                self._vectors[str(sha)] = vec
+
+    def __contains__(self, sha: str) -> bool:
+        return sha in self._vectors
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def get(self, sha: str) -> np.ndarray:
+        return self._vectors[sha]
+
+    def add(self, shas: Sequence[str], vectors: np.ndarray) -> None:
+        """Remember new vectors and persist them as one new part (idempotent by content)."""
+        import io
+
+        new = [(s, v) for s, v in zip(shas, vectors) if s not in self._vectors]
+        if not new:
+            return
+        for s, v in new:
+            self._vectors[s] = v
+        if self.store is None:
+            return
+        new_shas = np.array([s for s, _ in new])
+        buf = io.BytesIO()
+        np.savez(buf, sha256=new_shas, vectors=np.stack([v for _, v in new]).astype(np.float32))
+        part = sha256_hex("".join(sorted(new_shas.tolist())).encode())[:16]
+        self.store.put(f"{self.prefix}{part}.npz", buf.getvalue())
+
+
+class _Images(Dataset):
+    def __init__(self, source: ImageSource, refs: list[ImageRef], known: frozenset[str],
+                 size: int, mode: ResizeMode, max_pixels: int, max_bytes: int):
+        self.source, self.refs, self.known = source, refs, known
+        self.size, self.mode, self.max_pixels, self.max_bytes = size, mode, max_pixels, max_bytes
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int):
+        ref = self.refs[i]
+        try:
+            data = self.source.read(ref.location)
+        except Exception as exc:
+            return i, "", None, "unreadable", f"{type(exc).__name__}: {exc}"
+        sha = sha256_hex(data)
+        if sha in self.known:
+            return i, sha, None, "", ""
+        try:
+            img = decode_image(data, self.max_pixels, self.max_bytes)
+        except Exception as exc:
+            return i, sha, None, getattr(exc, "reason", "unreadable"), getattr(exc, "detail", str(exc))
+        return i, sha, preprocess(img, self.size, self.mode), "", ""
+
+
+def _collate(items):
+    return items
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Decoding is single-threaded work; letting each worker also spawn a full
+    # intra-op thread pool oversubscribes the cores the model needs.
+    torch.set_num_threads(1)
+
+
+def _forward(model: Callable, tensors: list[torch.Tensor], device: torch.device) -> np.ndarray:
+    shapes = {t.shape for t in tensors}
+    if len(shapes) == 1:
+        out = model(torch.stack(tensors).to(device, non_blocking=True))
+    else:  # short-edge resize: images of different shapes run one by one
+        out = torch.cat([model(t.unsqueeze(0).to(device)) for t in tensors])
+    return out.float().cpu().numpy()
+
+
+def embed(model: Callable, source: ImageSource, settings: Settings, *,
+          cache: VectorCache | None = None, device: torch.device | None = None,
+          refs: list[ImageRef] | None = None, desc: str = "embedding") -> EmbeddingResult:
+    """Embed every image of ``source`` (or the given ``refs``) with ``model``.
+
+    Returns vectors (float32, unit-norm if the model normalises) for the
+    images that decoded, in source order, and a Failure per skipped image.
+    Cached vectors are reused and new ones added to ``cache``. Logs each
+    failure. Does not enforce the failure-rate limit: see
+    :func:`check_failure_rate`.
+    """
+    from tqdm import tqdm
+
+    refs = list(source.refs() if refs is None else refs)
+    device = device or torch.device("cpu")
+    known = frozenset() if cache is None else frozenset(cache._vectors)
+    dataset = _Images(source, refs, known, settings.image_size, settings.resize_mode,
+                      settings.max_image_pixels, settings.max_file_bytes)
+    loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.workers,
+                        collate_fn=_collate, worker_init_fn=_worker_init, pin_memory=device.type == "cuda",
+                        persistent_workers=False,
+                        prefetch_factor=4 if settings.workers > 0 else None)
+    vectors: dict[int, np.ndarray] = {}
+    shas: dict[int, str] = {}
+    failures: list[Failure] = []
+    n_cached = 0
+    new_shas: list[str] = []
+    new_vecs: list[np.ndarray] = []
+    if hasattr(model, "eval"):
+        model.eval()
+    bar = tqdm(total=len(refs), desc=desc, unit="img", file=sys.stderr,
+               disable=not settings.progress, dynamic_ncols=True)
+    with torch.inference_mode():
+        for batch in loader:
+            todo = []
+            for i, sha, tensor, reason, detail in batch:
+                ref = refs[i]
+                if reason:
+                    failures.append(Failure(ref.image_id, ref.location, reason, detail))
+                    log.warning("skipped image %s (%s): %s %s", ref.image_id, ref.location, reason, detail)
+                elif tensor is None:
+                    vectors[i] = cache.get(sha)
+                    shas[i] = sha
+                    n_cached += 1
+                else:
+                    todo.append((i, sha, tensor))
+            if todo:
+                out = _forward(model, [t for _, _, t in todo], device)
+                for (i, sha, _), vec in zip(todo, out):
+                    vectors[i] = vec
+                    shas[i] = sha
+                    new_shas.append(sha)
+                    new_vecs.append(vec)
+            bar.update(len(batch))
+    bar.close()
+    if cache is not None and new_vecs:
+        cache.add(new_shas, np.stack(new_vecs))
+    order = sorted(vectors)
+    out_refs = [ImageRef(refs[i].image_id, refs[i].location, shas[i]) for i in order]
+    dim = next(iter(vectors.values())).shape[0] if vectors else 0
+    mat = np.stack([vectors[i] for i in order]).astype(np.float32) if order else np.zeros((0, dim), np.float32)
+    return EmbeddingResult(out_refs, mat, failures, n_cached)
+
+
+def check_failure_rate(result: EmbeddingResult, limit: float, what: str = "batch") -> None:
+    """Raise BatchFailedError if more than ``limit`` of the images failed to decode."""
+    total = result.total
+    if total == 0:
+        raise BatchFailedError(f"the {what} has no images; check the folder or object prefix")
+    rate = len(result.failures) / total
+    if rate > limit:
+        reasons: dict[str, int] = {}
+        for f in result.failures:
+            reasons[f.reason] = reasons.get(f.reason, 0) + 1
+        raise BatchFailedError(
+            f"{len(result.failures)} of {total} images in the {what} failed to decode "
+            f"({rate:.0%} > limit {limit:.0%}; reasons: {reasons}). Inspect the inputs, or raise "
+            "MODERATION_MAX_FAILURE_RATE if this is expected.")
+
+
+def dedupe_ids(result: EmbeddingResult) -> EmbeddingResult:
+    """Keep the first image of each id (two files with one stem would collide in the index)."""
+    seen: set[str] = set()
+    keep = []
+    failures = list(result.failures)
+    for j, ref in enumerate(result.refs):
+        if ref.image_id in seen:
+            failures.append(Failure(ref.image_id, ref.location, "duplicate_id",
+                                    "another file has the same id"))
+            continue
+        seen.add(ref.image_id)
+        keep.append(j)
+    return EmbeddingResult([result.refs[j] for j in keep], result.vectors[keep], failures, result.cached)

@@ -1,0 +1,43 @@
+"""Exception types shared by the library.
+
+Every error the pipeline raises on purpose derives from ``ModerationError``
+so the CLI can print its message (which says what to do next) without a
+traceback.
+"""
+
+
+class ModerationError(Exception):
+    """Base class: a failure with a message meant for the operator."""
+
+
+class ConfigError(ModerationError):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+class StoreError(ModerationError):
+    """The object store is unreachable or refused an operation."""
+
+
+class NotFoundError(ModerationError):
+    """A requested object, version or record does not exist."""
+
+
+class IntegrityError(ModerationError):
+    """An artifact's bytes do not match the sha256 in its manifest."""
+
+
+class BadImageError(ModerationError):
+    """An input file is not a usable image; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class BatchFailedError(ModerationError):
+    """Too many images of a batch failed to decode."""
+
+
+class VersionMismatchError(ModerationError):
+    """Artifacts of different model/statistics versions were combined."""

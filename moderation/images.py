@@ -1,0 +1,152 @@
+"""Decoding, validation and preprocessing of input images.
+
+Policy for bad input: every problem raises ``BadImageError`` with a short
+reason code (``empty``, ``too_large_file``, ``not_an_image``, ``truncated``,
+``decompression_bomb``, ``unreadable``); callers record the reason and move
+on to the next image. Nothing here ever lets PIL warn-and-continue on a
+decompression bomb or silently load a truncated file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from moderation.config import ResizeMode
+from moderation.errors import BadImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# Truncated files must fail, not decode to grey padding.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One input image: its id (file stem or key stem), where it lives, and its content hash."""
+
+    image_id: str
+    location: str  # file path or object key
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An image that was skipped, and why."""
+
+    image_id: str
+    location: str
+    reason: str
+    detail: str = ""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def image_id_from(location: str) -> str:
+    """The id of an image: its file name without the suffix."""
+    name = location.rsplit("/", 1)[-1]
+    stem = Path(name).stem
+    return stem or name
+
+
+def decode_image(data: bytes, max_pixels: int = 64_000_000, max_bytes: int = 50_000_000) -> Image.Image:
+    """Decode ``data`` into an 8-bit RGB image, upright per its EXIF orientation.
+
+    Handles palette, alpha (composited on white), CMYK, greyscale and 16-bit
+    images. Raises BadImageError with a reason code on any problem.
+    """
+    if not data:
+        raise BadImageError("empty", "zero-byte file")
+    if len(data) > max_bytes:
+        raise BadImageError("too_large_file", f"{len(data)} bytes > limit {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImageError("decompression_bomb", f"{w}x{h} pixels > limit {max_pixels}")
+            if w < 1 or h < 1:
+                raise BadImageError("not_an_image", "zero-sized image")
+            img.load()
+    except BadImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImageError("decompression_bomb", str(exc)) from None
+    except UnidentifiedImageError:
+        raise BadImageError("not_an_image", "not a recognised image format") from None
+    except OSError as exc:
+        msg = str(exc)
+        reason = "truncated" if "truncated" in msg or "broken data stream" in msg else "unreadable"
+        raise BadImageError(reason, msg) from None
+    except Exception as exc:  # PIL raises assorted errors on hostile files
+        raise BadImageError("unreadable", f"{type(exc).__name__}: {exc}") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Normalise mode and orientation: 8-bit RGB, EXIF rotation applied."""
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block should not lose the image
+        pass
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size and arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0 if hi > 255 else arr, 0, 255).astype(np.uint8))
+        mode = img.mode
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def resize(img: Image.Image, size: int, mode: ResizeMode) -> Image.Image:
+    if mode == ResizeMode.SQUARE:
+        return img.resize((size, size), Image.BILINEAR)
+    w, h = img.size
+    scale = size / min(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ImageNet-normalised float tensor (3, H, W)."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return arr.sub_(mean).div_(std)
+
+
+def preprocess(img: Image.Image, size: int, mode: ResizeMode) -> torch.Tensor:
+    return to_tensor(resize(img, size, mode))
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """Image files directly or recursively under ``folder``, sorted, by suffix.
+
+    Raises NotADirectoryError (with the path) if ``folder`` is not a folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder of images")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

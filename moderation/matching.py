@@ -1,0 +1,77 @@
+"""Matching: search the reference index, normalise scores, apply the threshold.
+
+Input descriptors are raw model outputs; they are post-processed with the
+*same* statistics version the index was built with (the caller passes the
+pinned ``Postprocessor``), searched top-k, and score-normalised against the
+background set (SSCD defaults: beta = 1, neighbours 1..3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moderation.index import ReferenceIndex
+from moderation.metrics import Prediction
+from moderation.statistics import BackgroundIndex, Postprocessor, normalise_scores
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One (query, reference) candidate; ``score`` is the normalised score used for flagging."""
+
+    query_id: str
+    reference_id: str
+    raw_score: float
+    score: float
+    rank: int
+
+    def prediction(self) -> Prediction:
+        return Prediction(self.query_id, self.reference_id, self.score)
+
+
+@dataclass(frozen=True)
+class MatchParams:
+    k: int = 10
+    beta: float = 1.0
+    sn_neighbors: int = 3
+    use_sn: bool = True
+
+
+def search(query_vectors: np.ndarray, query_ids: list[str], index: ReferenceIndex,
+           postprocessor: Postprocessor | None, background: BackgroundIndex | None,
+           params: MatchParams = MatchParams(), chunk: int = 65536) -> list[Candidate]:
+    """All top-k candidates for the queries, with raw and normalised scores.
+
+    ``query_vectors`` are raw descriptors (n, d). Without a background set
+    (or with ``use_sn`` off) the normalised score equals the raw score.
+    """
+    out: list[Candidate] = []
+    for start in range(0, len(query_ids), chunk):
+        q = query_vectors[start:start + chunk]
+        qids = query_ids[start:start + chunk]
+        if postprocessor is not None:
+            q = postprocessor.apply(q)
+        scores, ids = index.search(q, params.k)
+        if background is not None and params.use_sn:
+            bg = background.neighbour_scores(q, params.sn_neighbors)
+            normed = normalise_scores(scores, bg, params.beta, 1, params.sn_neighbors)
+        else:
+            normed = scores
+        for row, qid in enumerate(qids):
+            for rank, rid in enumerate(ids[row]):
+                out.append(Candidate(qid, rid, float(scores[row, rank]), float(normed[row, rank]), rank + 1))
+    return out
+
+
+def flagged(candidates: list[Candidate], threshold: float) -> list[Candidate]:
+    """Candidates whose normalised score is at or above ``threshold``, best first."""
+    return sorted((c for c in candidates if c.score >= threshold), key=lambda c: -c.score)
+
+
+def candidates_csv(candidates: list[Candidate]) -> str:
+    """DISC21 prediction format: ``query_id,reference_id,score`` (normalised score)."""
+    lines = ["query_id,reference_id,score"]
+    lines += [f"{c.query_id},{c.reference_id},{c.score:.6f}" for c in candidates]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,216 @@
+"""Versioned artifacts in the object store: manifests, publish, resolve.
+
+Layout (every version folder is immutable once its manifest exists)::
+
+    models/MODEL/{model.pt, manifest.json}                 models/CURRENT
+    stats/MODEL/STATS/{stats.npz, background.npz, manifest.json}   stats/MODEL/CURRENT
+    indexes/MODEL/INDEX/{index.faiss, ids.json, manifest.json}    indexes/MODEL/CURRENT
+    calibrations/MODEL/STATS/CAL/manifest.json              calibrations/MODEL/STATS/CURRENT
+
+Publishing writes the files, then ``manifest.json`` (listing each file's
+sha256), then moves the small ``CURRENT`` pointer. A crash before the
+pointer moves leaves the previous version in force; a version without a
+manifest is never resolved. Readers resolve a pointer once per run and
+then read by explicit version (pinning). Loading a file checks its sha256
+against the manifest and raises IntegrityError on a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+from moderation.errors import IntegrityError, NotFoundError
+from moderation.images import sha256_hex
+from moderation.store import ObjectStore
+
+POINTER = "CURRENT"
+MANIFEST = "manifest.json"
+
+
+class Kind(str, Enum):
+    MODEL = "models"
+    STATS = "stats"
+    INDEX = "indexes"
+    CALIBRATION = "calibrations"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def new_version_id(content_sha: str = "") -> str:
+    """Sortable, unique id: UTC timestamp plus a content or random suffix."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"{stamp}-{(content_sha or secrets.token_hex(8))[:8]}"
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A descriptor model. ``threshold`` is its raw-cosine 90%-precision point, if known."""
+
+    version: str
+    backbone: str
+    dim: int
+    image_size: int
+    resize_mode: str
+    source: str  # imagenet-default | shipped-default | torchscript-import | trained
+    created_at: str = field(default_factory=now_iso)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    threshold: float | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StatsVersion:
+    """Centering/whitening and the SN background set, fitted for one model."""
+
+    version: str
+    model_version: str
+    postprocess: str
+    in_dim: int
+    out_dim: int
+    n_background: int
+    created_at: str = field(default_factory=now_iso)
+    content_sha256: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IndexVersion:
+    """A FAISS index of one model's reference vectors, post-processed by one stats version."""
+
+    version: str
+    model_version: str
+    stats_version: str
+    count: int
+    dim: int
+    factory: str
+    created_at: str = field(default_factory=now_iso)
+    content_sha256: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The flagging threshold for one (model, stats) pair, on normalised scores."""
+
+    version: str
+    model_version: str
+    stats_version: str
+    threshold: float
+    target_precision: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    source: str = "labelled-set"  # labelled-set | decisions
+    created_at: str = field(default_factory=now_iso)
+    files: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+RECORDS = {Kind.MODEL: ModelVersion, Kind.STATS: StatsVersion, Kind.INDEX: IndexVersion,
+           Kind.CALIBRATION: Calibration}
+Record = ModelVersion | StatsVersion | IndexVersion | Calibration
+
+
+def _scope(kind: Kind, record_or_pins: Any) -> str:
+    """The folder that holds a kind's versions (and its pointer) for given pins."""
+    if kind == Kind.MODEL:
+        return Kind.MODEL.value
+    if isinstance(record_or_pins, dict):
+        get = record_or_pins.get
+    else:
+        get = lambda k: getattr(record_or_pins, k)  # noqa: E731
+    if kind in (Kind.STATS, Kind.INDEX):
+        return f"{kind.value}/{get('model_version')}"
+    return f"{kind.value}/{get('model_version')}/{get('stats_version')}"
+
+
+class Registry:
+    """Publish and resolve versioned artifacts in one object store."""
+
+    def __init__(self, store: ObjectStore):
+        self.store = store
+
+    def publish(self, kind: Kind, record: Record, files: dict[str, bytes], *,
+                make_current: bool = True) -> Record:
+        """Write ``files`` and the manifest of ``record``; then (optionally) move the pointer.
+
+        Returns the record with ``files`` filled in (name -> sha256). If the
+        version already has a manifest, nothing is rewritten (versions are
+        immutable) and the stored record is returned.
+        """
+        scope = _scope(kind, record)
+        folder = f"{scope}/{record.version}"
+        if self.store.exists(f"{folder}/{MANIFEST}"):
+            stored = self.manifest(kind, record.version, scope=scope)
+        else:
+            shas = {}
+            for name, data in files.items():
+                self.store.put(f"{folder}/{name}", data)
+                shas[name] = sha256_hex(data)
+            stored = type(record)(**{**asdict(record), "files": shas})
+            self.store.put(f"{folder}/{MANIFEST}", _dumps(asdict(stored)), "application/json")
+        if make_current:
+            self.set_current(kind, stored)
+        return stored
+
+    def set_current(self, kind: Kind, record: Record) -> None:
+        scope = _scope(kind, record)
+        if not self.store.exists(f"{scope}/{record.version}/{MANIFEST}"):
+            raise NotFoundError(f"cannot point {scope} at {record.version}: it has no manifest")
+        self.store.put(f"{scope}/{POINTER}", _dumps({"version": record.version, "at": now_iso()}),
+                       "application/json")
+
+    def current(self, kind: Kind, **pins: str) -> Record:
+        """The version in force for ``pins`` (e.g. ``model_version=...``).
+
+        Raises NotFoundError if none was published.
+        """
+        scope = _scope(kind, pins)
+        try:
+            pointer = json.loads(self.store.get(f"{scope}/{POINTER}"))
+        except NotFoundError:
+            raise NotFoundError(f"nothing published yet under {scope}") from None
+        return self.manifest(kind, pointer["version"], scope=scope)
+
+    def manifest(self, kind: Kind, version: str, *, scope: str | None = None, **pins: str) -> Record:
+        scope = scope or _scope(kind, pins)
+        raw = json.loads(self.store.get(f"{scope}/{version}/{MANIFEST}"))
+        return RECORDS[kind](**raw)
+
+    def versions(self, kind: Kind, **pins: str) -> list[Record]:
+        """Every published version under the scope, oldest first."""
+        scope = _scope(kind, pins)
+        out = []
+        for key in self.store.list(scope + "/"):
+            rest = key[len(scope) + 1:]
+            parts = rest.split("/")
+            if len(parts) == 2 and parts[1] == MANIFEST:
+                out.append(self.manifest(kind, parts[0], scope=scope))
+        return sorted(out, key=lambda r: (r.created_at, r.version))
+
+    def load(self, kind: Kind, record: Record, name: str) -> bytes:
+        """The bytes of one file of a version, after checking its sha256."""
+        expected = record.files.get(name)
+        if expected is None:
+            raise NotFoundError(f"{kind.value} version {record.version} has no file {name!r}")
+        data = self.store.get(f"{_scope(kind, record)}/{record.version}/{name}")
+        if sha256_hex(data) != expected:
+            raise IntegrityError(
+                f"{kind.value}/{record.version}/{name}: sha256 does not match its manifest; "
+                "the artifact is corrupt or was tampered with. Republish it.")
+        return data
+
+    def key_of(self, kind: Kind, record: Record, name: str) -> str:
+        return f"{_scope(kind, record)}/{record.version}/{name}"
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()

@@ -1,0 +1,198 @@
+"""After training: TorchScript export, evaluation, PR curve, publication, promotion.
+
+``train_and_publish`` is the one function the CLI, ``torchrun -m trainer``
+and the Airflow DAG call. After training (every rank), rank 0:
+
+1. exports the model to TorchScript and reloads it: the reloaded file is
+   what gets evaluated, so the figures describe the bytes that ship;
+2. evaluates it on the validation set (μAP, μAP-SN, RP90, recall@1, the 90 %
+   precision thresholds) and draws the precision-recall curve;
+3. evaluates the model in force on the same set, with its own image size;
+4. publishes a new model version (``model.pt``, ``train_log.jsonl``,
+   ``pr_curve.png``) whose manifest holds the metrics, the threshold, the
+   training command, config and data; moves the ``CURRENT`` pointer only
+   if the new model's μAP-SN beats the incumbent's (or ``force_promote``).
+   Without a validation set the version is published but not promoted
+   unless forced: there is nothing to compare.
+
+``ModelVersion.threshold`` is the raw-cosine 90 %-precision point: cosine
+similarity after whitening on background, before score normalisation;
+``metrics["rp90_threshold_sn"]`` is the same point on SN scores.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from moderation.config import ResizeMode, Settings
+from moderation.descriptor import export_torchscript, load_torchscript
+from moderation.errors import NotFoundError
+from moderation.images import sha256_hex
+from moderation.registry import Kind, ModelVersion, Registry, new_version_id
+from trainer import distributed as D
+from trainer.config import TrainConfig
+from trainer.evaluate import EvalResult, ValidationSet, evaluate_detailed
+from trainer.loop import LOG_NAME, TrainResult, train
+
+log = logging.getLogger(__name__)
+
+PACKAGED_DEFAULT = Path(__file__).resolve().parent.parent / "moderation" / "models" / "default.pt"
+
+
+@dataclass
+class PublishResult:
+    record: ModelVersion | None
+    promoted: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+    incumbent: dict[str, Any] = field(default_factory=dict)
+    train: TrainResult | None = None
+    export_path: str = ""
+
+
+def pr_curve_png(result: EvalResult, title: str = "precision-recall") -> bytes:
+    """PNG of the pooled precision-recall curves, raw cosine and score-normalised."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moderation.metrics import Prediction, precision_recall
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    raw = [Prediction(c.query_id, c.reference_id, c.raw_score) for c in result.candidates]
+    sn = [c.prediction() for c in result.candidates]
+    m = result.metrics
+    for preds, label in ((raw, f"raw (μAP {m['uap']:.3f})"), (sn, f"SN (μAP {m['uap_sn']:.3f})")):
+        p, r, _ = precision_recall(preds, result.ground_truth)
+        ax.plot(r, p, label=label)
+    ax.axhline(0.9, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(loc="lower left")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def incumbent_model(registry: Registry | None, settings: Settings):
+    """(description, TorchScript-or-module, image_size, resize_mode) of the model in force.
+
+    The registry's current model; else the packaged default file; else the
+    ImageNet starting model (trunk + GeM, no projection). None if even that
+    cannot be built offline.
+    """
+    if registry is not None:
+        try:
+            rec = registry.current(Kind.MODEL)
+            module = load_torchscript(registry.load(Kind.MODEL, rec, "model.pt"))
+            return f"registry:{rec.version}", module, rec.image_size, rec.resize_mode
+        except NotFoundError:
+            pass
+    if PACKAGED_DEFAULT.exists():
+        manifest = json.loads(PACKAGED_DEFAULT.with_suffix(".json").read_text())
+        return ("shipped-default", load_torchscript(PACKAGED_DEFAULT), manifest["image_size"],
+                manifest["resize_mode"])
+    try:
+        from moderation.descriptor import build_model
+
+        return ("imagenet-default", build_model("mobilenet_v2", projection_dim=0, pretrained=True),
+                settings.image_size, settings.resize_mode)
+    except Exception as exc:  # no offline weights: nothing to compare against
+        log.warning("no incumbent model to compare with: %s", exc)
+        return None
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def train_and_publish(config: TrainConfig, settings: Settings, *, registry: Registry | None = None,
+                      env: D.DistEnv | None = None) -> PublishResult | None:
+    """Train, export, evaluate, publish and (maybe) promote. Returns None on ranks other than 0."""
+    env = env or D.init_distributed(config.device)
+    if not config.command:
+        config = replace(config, command=command_line())
+    result = train(config, settings, env)
+    if not env.is_main:
+        return None
+    config = result.config
+    model_bytes = export_torchscript(result.model, example_size=config.crop_size)
+    scripted = load_torchscript(model_bytes)
+    image_size = config.eval_size or settings.image_size
+    resize_mode = ResizeMode(config.eval_resize_mode or settings.resize_mode).value
+    metrics: dict[str, Any] = {}
+    incumbent: dict[str, Any] = {}
+    png = b""
+    if config.val_dir:
+        vs = ValidationSet.from_dir(config.val_dir)
+        evaluation = evaluate_detailed(scripted, vs, settings, image_size=image_size, resize_mode=resize_mode)
+        metrics = dict(evaluation.metrics, validation_set=str(config.val_dir))
+        png = pr_curve_png(evaluation, f"{result.config.backbone} {config.dim}-d, {config.val_dir}")
+        found = incumbent_model(registry, settings)
+        if found is not None:
+            name, module, inc_size, inc_mode = found
+            inc_eval = evaluate_detailed(module, vs, settings, image_size=inc_size, resize_mode=inc_mode)
+            incumbent = dict(inc_eval.metrics, model=name)
+    beats = bool(metrics) and (not incumbent or metrics["uap_sn"] > incumbent["uap_sn"])
+    promote = config.force_promote or beats
+    record = ModelVersion(
+        version=new_version_id(sha256_hex(model_bytes)),
+        backbone=config.backbone, dim=result.model.dim, image_size=image_size, resize_mode=resize_mode,
+        source="trained", metrics=metrics, threshold=metrics.get("rp90_threshold_raw"),
+        info=_info(config, result, incumbent, promote, beats))
+    files = {"model.pt": model_bytes, "train_log.jsonl": _log_bytes(config)}
+    if png:
+        files["pr_curve.png"] = png
+    stored = None
+    if config.publish and registry is not None:
+        stored = registry.publish(Kind.MODEL, record, files, make_current=promote)
+        log.info("published model %s (%s)", stored.version, "promoted" if promote else "not promoted")
+    export_path = ""
+    if config.export_path:
+        export_path = write_export(Path(config.export_path), record, files)
+    return PublishResult(stored or record, promote and stored is not None, metrics, incumbent, result,
+                         export_path)
+
+
+def write_export(path: Path, record: ModelVersion, files: dict[str, bytes]) -> str:
+    """Write ``model.pt`` to ``path`` and the manifest to ``path`` with suffix ``.json``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(files["model.pt"])
+    manifest = asdict(replace(record, files={n: sha256_hex(b) for n, b in files.items()
+                                             if n == "model.pt"}))
+    path.with_suffix(".json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    if "pr_curve.png" in files:
+        path.with_name(path.stem + "_pr_curve.png").write_bytes(files["pr_curve.png"])
+    return str(path)
+
+
+def _info(config: TrainConfig, result: TrainResult, incumbent: dict, promoted: bool, beats: bool) -> dict:
+    last = result.log_rows[-1] if result.log_rows else {}
+    return {
+        "training_command": config.command,
+        "config": config.to_dict(),
+        "data": {"pool": result.pool_counts, "folders": list(config.images),
+                 "prefixes": list(config.images_prefix), "generated": config.generated},
+        "steps": result.steps_done, "stopped_early": result.stopped_early,
+        "train_seconds": round(result.seconds, 1), "images_per_s": round(result.images_per_s, 2),
+        "final_loss": last.get("loss"), "projection_init": result.projection_init,
+        "incumbent": incumbent, "beats_incumbent": beats, "promoted": promoted,
+        "threshold_meaning": "cosine after background whitening, before SN, at 90% precision",
+    }
+
+
+def _log_bytes(config: TrainConfig) -> bytes:
+    path = Path(config.out_dir) / LOG_NAME
+    return path.read_bytes() if path.exists() else b""
