@@ -111,6 +111,11 @@ class Settings:
             raise ConfigError("MODERATION_MAX_FAILURE_RATE must be between 0 and 1")
         if self.topk < 1:
             raise ConfigError("MODERATION_TOPK must be at least 1")
+        if self.workers < 0:
+            raise ConfigError("MODERATION_WORKERS must be 0 (decode in the main process) or more")
+        if self.sn_neighbors < 1:
+            raise ConfigError("MODERATION_SN_NEIGHBORS must be at least 1 (score normalisation "
+                              "averages that many background neighbours)")
         return replace(self, home=home, database_url=db, store_url=store)
 
     def with_overrides(self, **overrides: Any) -> Settings:

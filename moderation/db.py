@@ -408,6 +408,7 @@ def upgrade(db: Database, folder: Path | None = None) -> list[str]:
                               "name text primary key, applied_at timestamptz not null default now())"))
             conn.commit()
             done = {r[0] for r in conn.execute(text("select name from schema_migrations"))}
+            conn.commit()
             for path in migration_files(folder):
                 if path.name in done:
                     continue

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from moderation.config import ResizeMode, Settings
 from moderation.errors import BatchFailedError
 from moderation.images import (Failure, ImageRef, decode_image, image_id_from, list_image_files,
-                               preprocess, sha256_hex)
+                               normalise_batch, preprocess_uint8, sha256_hex)
 from moderation.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class _Images(Dataset):
             img = decode_image(data, self.max_pixels, self.max_bytes)
         except Exception as exc:
             return i, sha, None, getattr(exc, "reason", "unreadable"), getattr(exc, "detail", str(exc))
-        return i, sha, preprocess(img, self.size, self.mode), "", ""
+        return i, sha, preprocess_uint8(img, self.size, self.mode), "", ""
 
 
 def _collate(items):
@@ -189,9 +189,9 @@ def _worker_init(_worker_id: int) -> None:
 def _forward(model: Callable, tensors: list[torch.Tensor], device: torch.device) -> np.ndarray:
     shapes = {t.shape for t in tensors}
     if len(shapes) == 1:
-        out = model(torch.stack(tensors).to(device, non_blocking=True))
+        out = model(normalise_batch(torch.stack(tensors).to(device, non_blocking=True)))
     else:  # short-edge resize: images of different shapes run one by one
-        out = torch.cat([model(t.unsqueeze(0).to(device)) for t in tensors])
+        out = torch.cat([model(normalise_batch(t.unsqueeze(0).to(device))) for t in tensors])
     return out.float().cpu().numpy()
 
 

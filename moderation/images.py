@@ -103,9 +103,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
         pass
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit samples map to 8 bits by their absolute level (v / 257), not by
+        # stretching each image's own maximum to white. Mode "I" may hold 8-bit
+        # data, or 16-bit data (older PIL reads 16-bit PNGs that way).
         arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size and arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / hi * 255.0 if hi > 255 else arr, 0, 255).astype(np.uint8))
+        if mode != "I" or (arr.size and arr.max() > 255):
+            arr = arr / 257.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
         mode = img.mode
     if mode == "F":
         arr = np.asarray(img, dtype=np.float64)
@@ -139,6 +143,19 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 def preprocess(img: Image.Image, size: int, mode: ResizeMode) -> torch.Tensor:
     return to_tensor(resize(img, size, mode))
+
+
+def preprocess_uint8(img: Image.Image, size: int, mode: ResizeMode) -> torch.Tensor:
+    """Resized image as a uint8 tensor (3, H, W): a quarter of the bytes of a float tensor
+    to pass between processes; :func:`normalise_batch` finishes the job on the device."""
+    return torch.from_numpy(np.asarray(resize(img, size, mode), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalise_batch(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> ImageNet-normalised float, on the batch's device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1) * 255.0
+    return (batch.float() - mean) / std
 
 
 def list_image_files(folder: Path) -> list[Path]:

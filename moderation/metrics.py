@@ -104,9 +104,12 @@ def recall_at_precision(predictions: Iterable[Prediction], gt: Mapping[str, str 
     if len(ok) == 0:
         return 0.0, None
     best = ok[np.argmax(recall[ok])]
-    # Among ranks with the same best recall, the last one has the lowest score.
+    # Among ranks with the same best recall, the last one has the lowest score. A
+    # threshold flags every prediction scoring >= it, so only a rank that ends its
+    # run of equal scores is an operating point (the first best rank always is one).
     same = ok[recall[ok] == recall[best]]
-    best = same.max()
+    ends = same[(same == len(scores) - 1) | (scores[np.minimum(same + 1, len(scores) - 1)] < scores[same])]
+    best = ends.max()
     return float(recall[best]), float(scores[best])
 
 

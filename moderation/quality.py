@@ -212,7 +212,8 @@ def _describe(kind: str, kwargs: dict[str, Any], res: dict[str, Any], success: b
     if not success and pct is not None:
         over = pct - (1 - (mostly if mostly is not None else 1.0)) * 100
         msg += f", over by {over:.1f} points"
-    examples = list(res.get("partial_unexpected_list") or [])[:5]
+    examples = [e[:16] + "…" if isinstance(e, str) and len(e) > 16 else e
+                for e in list(res.get("partial_unexpected_list") or [])[:5]]
     if examples and not success:
         msg += f"; e.g. {examples}"
     return msg

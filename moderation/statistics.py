@@ -95,9 +95,11 @@ def fit_postprocessor(background: np.ndarray, kind: Postprocess, out_dim: int = 
     d_out = min(out_dim, limit) if out_dim else limit
     pca = faiss.PCAMatrix(d, d_out, -0.5)
     # FAISS adds epsilon to every eigenvalue before the power; scale it to the data.
+    # Its eigenvalues are those of the unnormalised scatter matrix sum((x - mean)(x - mean)^T),
+    # n times the covariance's, so the floor is a fraction of their mean, not of the variance.
     centred = x - mean
-    total_var = float((centred ** 2).sum() / max(n - 1, 1))
-    pca.epsilon = EPS_RELATIVE * total_var / limit
+    scatter_trace = float((centred.astype(np.float64) ** 2).sum())
+    pca.epsilon = EPS_RELATIVE * scatter_trace / limit
     pca.train(x)
     a = faiss.vector_to_array(pca.A).reshape(d_out, d).astype(np.float32)
     return Postprocessor(kind, faiss.vector_to_array(pca.mean).astype(np.float32), a)
@@ -137,6 +139,9 @@ def normalise_scores(scores: np.ndarray, bg_scores: np.ndarray, beta: float = 1.
 
     ``scores`` is (nq, k); ``bg_scores`` (nq, >= n_end) sorted descending.
     """
+    if not 1 <= n_start <= n_end:
+        raise ModerationError(f"score normalisation needs 1 <= first neighbour <= last neighbour, "
+                              f"got {n_start}..{n_end}; check MODERATION_SN_NEIGHBORS")
     if bg_scores.shape[1] < n_end:
         raise ModerationError(f"score normalisation needs {n_end} background neighbours, "
                               f"have {bg_scores.shape[1]}; add background images")

@@ -22,6 +22,7 @@ from moderation.config import Settings
 from moderation.errors import ConfigError, NotFoundError, StoreError
 
 MAX_KEY_BYTES = 900  # S3 allows 1024; keep headroom for prefixes
+MAX_SEGMENT_BYTES = 255  # a file name on the local store (NAME_MAX)
 _BAD_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
@@ -40,8 +41,10 @@ def validate_key(key: str) -> str:
     if key.startswith("/"):
         raise ValueError(f"object key must be relative: {key!r}")
     parts = key.split("/")
-    if any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
+    if any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"object key has empty, '.' or '..' segments: {key!r}")
+    if any(len(p.encode("utf-8")) > MAX_SEGMENT_BYTES for p in parts):
+        raise ValueError(f"object key has a segment longer than {MAX_SEGMENT_BYTES} bytes")
     return key
 
 

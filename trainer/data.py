@@ -88,12 +88,12 @@ class ImagePool:
         """
         item = self.items[index]
         if item.kind == "generated":
-            img = synthetic_image(int(item.location), self.seed)
+            img = synthetic_image(int(item.location), self.seed, self.max_side)
         else:
             try:
                 img = decode_image(self._read(item))
             except Exception:
-                img = synthetic_image(10_000_000 + index, self.seed)
+                img = synthetic_image(10_000_000 + index, self.seed, self.max_side)
         if max(img.size) > self.max_side:
             img = img.copy()
             img.thumbnail((self.max_side, self.max_side), Image.BILINEAR)

@@ -167,9 +167,9 @@ def train(config: TrainConfig, settings=None, env: D.DistEnv | None = None) -> T
         step += 1
         n_images = images.shape[0] * env.world_size
         total_images += n_images
-        window["loss"] += float(parts.total)
-        window["infonce"] += float(parts.infonce)
-        window["entropy"] += float(parts.entropy)
+        window["loss"] += float(parts.total.detach())
+        window["infonce"] += float(parts.infonce.detach())
+        window["entropy"] += float(parts.entropy.detach())
         window["n"] += 1
         window["images"] += n_images
         if step % config.log_every == 0 or step == config.steps:
@@ -185,7 +185,7 @@ def train(config: TrainConfig, settings=None, env: D.DistEnv | None = None) -> T
             window = {"loss": 0.0, "infonce": 0.0, "entropy": 0.0, "n": 0, "images": 0, "t": now}
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(parts.total):.3f}", ent=f"{float(parts.entropy):.3f}",
+            bar.set_postfix(loss=f"{float(parts.total.detach()):.3f}", ent=f"{float(parts.entropy.detach()):.3f}",
                             img_s=f"{total_images / max(time.perf_counter() - t_loop, 1e-9):.1f}")
         if step % config.checkpoint_every == 0 and step < config.steps and env.is_main:
             save_checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, step=step,

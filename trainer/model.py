@@ -98,12 +98,16 @@ def init_projection(model: SSCDModel, method: str, features: torch.Tensor | None
         evals, evecs = torch.linalg.eigh(cov)  # ascending
         evals, evecs = evals.flip(0)[:dim], evecs.flip(1)[:, :dim]
         floor = eps_relative * evals.clamp(min=0).mean()
-        w = (evecs / torch.sqrt(evals.clamp(min=0) + floor)).t()  # (dim, C)
-        proj.weight.copy_(w.float())
-        proj.bias.copy_((-w @ mean).float())
-        return "pca"
+        if float(floor) > 1e-12:  # degenerate features (e.g. an untrained trunk): no PCA
+            w = (evecs / torch.sqrt(evals.clamp(min=0) + floor)).t()  # (dim, C)
+            if bool(torch.isfinite(w).all()):
+                proj.weight.copy_(w.float())
+                proj.bias.copy_((-w @ mean).float())
+                return "pca"
+        log.warning("trunk features are degenerate; orthogonal projection init instead of PCA")
+        method = "orthogonal"
     if method in ("pca", "orthogonal"):
-        if method == "pca":
+        if method == "pca" and (features is None or features.shape[0] <= dim):
             log.warning("PCA projection init needs more than %d feature rows; using orthogonal", dim)
         nn.init.orthogonal_(proj.weight)
         nn.init.zeros_(proj.bias)

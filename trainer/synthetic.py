@@ -21,11 +21,16 @@ from trainer.overlays import font, random_words
 _SIZES = ((384, 384), (384, 288), (288, 384), (384, 256), (256, 384), (320, 320))
 
 
-def synthetic_image(index: int, seed: int = 0) -> Image.Image:
-    """The ``index``-th generated RGB image of the family ``seed`` (deterministic)."""
+def synthetic_image(index: int, seed: int = 0, max_side: int = 384) -> Image.Image:
+    """The ``index``-th generated RGB image of the family ``seed`` (deterministic).
+
+    Its long side is at most ``max_side`` (drawing smaller is cheaper).
+    """
     rng = random.Random((seed * 1_000_003 + index) * 2654435761 % (2**63))
     nrng = np.random.default_rng(rng.getrandbits(63))
     w, h = rng.choice(_SIZES)
+    if max(w, h) > max_side:
+        w, h = max(16, w * max_side // max(w, h)), max(16, h * max_side // max(w, h))
     img = _backdrop(w, h, rng, nrng)
     draw = ImageDraw.Draw(img, "RGBA")
     for _ in range(rng.randint(2, 14)):

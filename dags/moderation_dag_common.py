@@ -1,0 +1,72 @@
+"""Shared wiring of the moderation DAGs: assets, retry policy, connections, gate errors.
+
+Not a DAG file (listed in ``.airflowignore``). Everything that does work
+lives in ``moderation.orchestration``; this module only adapts it to Airflow.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from airflow.sdk import Asset, Connection
+from airflow.sdk.exceptions import AirflowFailException
+
+from moderation import orchestration
+from moderation.errors import ConfigError, VersionMismatchError
+from moderation.quality import QualityGateError
+
+START_DATE = datetime(2026, 1, 1, tzinfo=timezone.utc)
+TAGS = ["moderation"]
+
+# Asset events carry the version they announce in ``extra``.
+MODEL_ASSET = Asset(name="moderation_model", uri="x-moderation://models/current", group="moderation")
+STATS_ASSET = Asset(name="moderation_stats", uri="x-moderation://stats/current", group="moderation")
+INDEX_ASSET = Asset(name="moderation_index", uri="x-moderation://indexes/current", group="moderation")
+MATCH_ASSET = Asset(name="moderation_match_runs", uri="x-moderation://match-runs", group="moderation")
+
+# Every task here touches the object store or the database over the network.
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "moderation",
+    "retries": 3,
+    "retry_delay": timedelta(minutes=1),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=20),
+    "execution_timeout": timedelta(hours=6),
+}
+
+GPU_QUEUE = "gpu"
+GPU_POOL = "gpu"
+
+
+def settings(**overrides: Any):
+    """Settings with the review database and object store from the Airflow connections."""
+    db = Connection.get(orchestration.DB_CONN_ID)
+    s3 = Connection.get(orchestration.S3_CONN_ID)
+    return orchestration.settings_from_connections(db.to_dict(), s3.to_dict(), **overrides)
+
+
+def no_retry(fn, *args, **kwargs):
+    """Run ``fn``; a failed quality gate, bad configuration or a version mix fails without retries.
+
+    Retrying cannot fix these: the data or the setup must change first.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except (QualityGateError, ConfigError, VersionMismatchError) as exc:
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+
+def version_from_events(events, asset: Asset, key: str = "model_version") -> str | None:
+    """The version carried by the newest triggering event of ``asset`` (None for a cron/manual run)."""
+    if not events:
+        return None
+    try:
+        found = events.get(asset) or []
+    except Exception:  # noqa: BLE001 - an accessor without this asset
+        return None
+    for event in reversed(list(found)):
+        value = (getattr(event, "extra", None) or {}).get(key)
+        if value:
+            return str(value)
+    return None

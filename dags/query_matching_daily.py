@@ -1,0 +1,77 @@
+"""Daily matching: gate and embed a day's queries, match them, gate the flagged pairs.
+
+The day's queries live under ``queries/YYYY-MM-DD/``. A scheduled run
+matches the day before its date; the ``date`` parameter selects another
+day (late data). Matching uses the newest model whose index is published
+and pins its model, statistics, index and calibration. Re-running a day
+replaces that day's match run (no duplicate pairs). The day's pairs stay
+held back from review until the flagged-pairs gate passes; a spike keeps
+them held until an operator releases them (rerun with ``release_hold``).
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import CronTriggerTimetable, Param, dag, task
+
+import moderation_dag_common as common
+from moderation import orchestration
+
+
+@dag(
+    dag_id="query_matching_daily",
+    schedule=CronTriggerTimetable("0 6 * * *", timezone="UTC"),
+    start_date=common.START_DATE,
+    catchup=False,
+    max_active_runs=1,
+    default_args=common.DEFAULT_ARGS,
+    tags=common.TAGS,
+    params={
+        "date": Param("", type="string", pattern=r"^(\d{4}-\d{2}-\d{2})?$",
+                      description="Day to match (YYYY-MM-DD); empty: the day before the run's date."),
+        "release_hold": Param(False, type="boolean",
+                              description="Operator override: let the day's flagged pairs into review "
+                                          "even if the flagged-pairs gate fails (recorded)."),
+    },
+    doc_md=__doc__,
+)
+def query_matching_daily():
+    @task(doc_md="Reads: the date parameter or the run's date. Returns the batch prefix queries/DATE/.")
+    def resolve_batch(params=None, logical_date=None, dag_run=None):
+        when = logical_date or getattr(dag_run, "run_after", None)
+        return orchestration.batch_prefix(common.no_retry(orchestration.batch_date, params["date"], when))
+
+    @task(doc_md="Reads: the day's query images. Writes: quality/profiles/queries/DATE.csv. Gate: decode "
+                 "failure rate, image sizes, duplicates by sha256.")
+    def check_queries(batch: str):
+        return common.no_retry(orchestration.check_query_batch, common.settings(), batch)
+
+    @task(doc_md="Reads: the day's queries, the serving model (newest with an index). Writes: new vectors "
+                 "in embeddings/MODEL/. Gate: embeddings (dimension, unit norm, finite).")
+    def embed_queries(batch: str, checked: dict):
+        return common.no_retry(orchestration.embed_query_batch, common.settings(), batch)
+
+    @task(doc_md="Reads: queries (vectors from the cache), the pinned model/statistics/index/calibration. "
+                 "Writes: a pending hold on the day, runs/DAY/ artifacts, the day's match_runs row and "
+                 "flagged_pairs (a rerun replaces them).")
+    def match(batch: str, embedded: dict):
+        return common.no_retry(orchestration.match_batch, common.settings(), batch, embedded["model_version"])
+
+    @task(outlets=[common.MATCH_ASSET],
+          doc_md="Reads: the day's flagged pairs and earlier runs' counts. Gate: score ranges, ranks, "
+                 "unique pairs, count vs trailing mean. Writes: releases the hold, or keeps it 'held' and "
+                 "fails. Emits moderation_match_runs {batch, run_id, flagged}.")
+    def gate_flagged(batch: str, matched: dict, params=None, dag_run=None, outlet_events=None):
+        who = f"airflow:{dag_run.run_id}" if dag_run is not None else "airflow"
+        out = common.no_retry(orchestration.gate_flagged_batch, common.settings(), batch,
+                              release=bool(params["release_hold"]), released_by=who)
+        outlet_events[common.MATCH_ASSET].extra = {
+            "batch": batch, "run_id": matched["run_id"], "flagged": out["flagged"],
+            "model_version": matched["model_version"], "index_version": matched["index_version"]}
+        return out
+
+    batch = resolve_batch()
+    embedded = embed_queries(batch, check_queries(batch))
+    gate_flagged(batch, match(batch, embedded))
+
+
+query_matching_daily()

@@ -1,0 +1,91 @@
+"""Reference index: embed new or changed references in parallel shards, build and publish the index.
+
+Nightly, and whenever new statistics are published (``moderation_stats``).
+Runs for one model (the triggering event's, else the current one) with the
+statistics version in force for it, refuses shards embedded by another
+model, gates the reference batch and the vectors, then publishes an index
+version and emits ``moderation_index`` carrying the versions. When a
+labelled set exists under ``calibration/``, the new model/statistics pair is
+calibrated before the event.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+from airflow.sdk.exceptions import AirflowSkipException
+
+import moderation_dag_common as common
+from moderation import orchestration
+
+
+@dag(
+    dag_id="reference_index_nightly",
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"),
+                                 assets=common.STATS_ASSET),
+    start_date=common.START_DATE,
+    catchup=False,
+    max_active_runs=1,
+    max_active_tasks=8,
+    default_args=common.DEFAULT_ARGS,
+    tags=common.TAGS,
+    params={
+        "model_version": Param("", type="string",
+                               description="Model to index for; empty: the triggering event's, else current."),
+        "prefix": Param(orchestration.REFERENCES_PREFIX, type="string", minLength=1,
+                        description="Object prefix of the reference images."),
+        "keys_per_shard": Param(2000, type="integer", minimum=1, description="References per mapped task."),
+        "max_shards": Param(16, type="integer", minimum=1, maximum=1024, description="Most mapped tasks."),
+    },
+    doc_md=__doc__,
+)
+def reference_index_nightly():
+    @task(doc_md="Reads: model and statistics pointers, the reference listing. Writes: nothing. "
+                 "Returns the shard specs, each pinning the model and statistics versions.")
+    def plan(params=None, triggering_asset_events=None):
+        model = (common.version_from_events(triggering_asset_events, common.STATS_ASSET)
+                 or params["model_version"] or None)
+        planned = common.no_retry(orchestration.plan_reference_index, common.settings(),
+                                  prefix=params["prefix"], keys_per_shard=params["keys_per_shard"],
+                                  max_shards=params["max_shards"], model_version=model)
+        return planned["shards"]
+
+    @task(doc_md="Mapped, one per shard. Reads: the shard's references. Writes: its quality profile "
+                 "(quality/profiles/references/RUN/), new vectors in embeddings/MODEL/. "
+                 "Gate: embeddings (dimension, unit norm, finite).")
+    def embed_shard(shard: dict, run_id=None):
+        return common.no_retry(orchestration.embed_reference_shard, common.settings(), shard, run_id=run_id)
+
+    @task(doc_md="Reads: every shard's profile. Gate: decode failure rate, image sizes, duplicates "
+                 "by sha256 over the whole reference set; refuses shards of another model.")
+    def check_references(planned: list, shards: list):
+        return common.no_retry(orchestration.check_reference_batch, common.settings(), planned[0], list(shards))
+
+    @task(doc_md="Reads: references (vectors from the cache), the pinned statistics. Writes: "
+                 "indexes/MODEL/INDEX/ then indexes/MODEL/CURRENT (only if changed), an index_versions "
+                 "row. The pointer moves last: a failure leaves the previous index in force.")
+    def build(planned: list, checked: dict):
+        return common.no_retry(orchestration.build_index_version, common.settings(), planned[0])
+
+    @task(doc_md="Reads: calibration/ground_truth.csv and calibration/queries/ if present. Writes: "
+                 "calibrations/MODEL/STATS/CAL and a calibrations row for a new model/statistics pair.")
+    def calibrate(built: dict):
+        return common.no_retry(orchestration.calibrate_if_labelled, common.settings(), built)
+
+    @task(outlets=[common.INDEX_ASSET],
+          doc_md="Emits moderation_index {model_version, stats_version, index_version} when a new "
+                 "index version was published; skipped when the reference set did not change.")
+    def announce(built: dict, calibrated: dict, outlet_events=None):
+        if not built["changed"]:
+            raise AirflowSkipException(f"index {built['index_version']} unchanged: no event")
+        outlet_events[common.INDEX_ASSET].extra = {
+            k: built[k] for k in ("model_version", "stats_version", "index_version", "count")}
+        return built
+
+    planned = plan()
+    shards = embed_shard.expand(shard=planned)
+    checked = check_references(planned, shards)
+    built = build(planned, checked)
+    announce(built, calibrate(built))
+
+
+reference_index_nightly()

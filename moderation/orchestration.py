@@ -1,0 +1,562 @@
+"""What each Airflow task does, as plain functions (no Airflow import; testable without it).
+
+The DAG files in ``dags/`` only wire these together: they read the Airflow
+connections, call one function per task and pass the small dicts these
+return through XCom. Every function takes a :class:`Settings` (built from
+the connections by :func:`settings_from_connections`) and is safe to run
+again: the jobs it calls publish immutable versions and move pointers last,
+and a match run of a batch replaces that batch's run.
+
+Model pinning: a task that works for one model version opens the pipeline
+with :func:`open_pipeline` ``(settings, model_version)``, so a promotion in
+the middle of a DAG run never mixes two models' vectors. Matching serves the
+newest model whose reference index exists (:func:`serving_model`): after a
+promotion, queries keep being matched with the previous model until the
+statistics and index of the new one are published.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from moderation import quality
+from moderation.config import Settings
+from moderation.embedding import StoreSource
+from moderation.errors import (BatchFailedError, ConfigError, ModerationError, NotFoundError,
+                               VersionMismatchError)
+from moderation.images import IMAGE_SUFFIXES, sha256_hex
+from moderation.jobs import Pipeline, build_reference_index, calibrate_labelled, refresh_stats, run_matching
+from moderation.registry import Kind, ModelVersion, Registry
+from moderation.store import ObjectStore, open_store
+
+log = logging.getLogger(__name__)
+
+DB_CONN_ID = "moderation_db"
+S3_CONN_ID = "moderation_s3"
+
+REFERENCES_PREFIX = "references/"
+BACKGROUND_PREFIX = "background/"
+QUERIES_PREFIX = "queries/"
+TRAINING_PREFIX = "training/"
+VALIDATION_PREFIX = "validation/"
+CALIBRATION_PREFIX = "calibration/"
+PROFILES_PREFIX = "quality/profiles/"
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+# -- configuration from Airflow connections --------------------------------------------------
+
+
+def _extra(conn: Mapping[str, Any]) -> dict[str, Any]:
+    extra = conn.get("extra") or {}
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra) if extra.strip() else {}
+        except json.JSONDecodeError:
+            raise ConfigError(f"connection {conn.get('conn_id')!r}: extra is not JSON") from None
+    return dict(extra)
+
+
+def database_url_from_connection(conn: Mapping[str, Any]) -> str:
+    """A SQLAlchemy URL from an Airflow connection dict (``Connection.to_dict()``).
+
+    ``postgres``/``postgresql`` connections become ``postgresql+psycopg://``;
+    an ``sqlalchemy_url`` in extra wins (e.g. ``sqlite:///...`` for a demo).
+    """
+    from sqlalchemy.engine import URL
+
+    extra = _extra(conn)
+    if extra.get("sqlalchemy_url"):
+        return str(extra["sqlalchemy_url"])
+    kind = (conn.get("conn_type") or "").lower()
+    if kind in ("postgres", "postgresql"):
+        if not conn.get("host"):
+            raise ConfigError(f"connection {conn.get('conn_id')!r} has no host")
+        return URL.create("postgresql+psycopg", username=conn.get("login") or None,
+                          password=conn.get("password") or None, host=conn.get("host"),
+                          port=int(conn["port"]) if conn.get("port") else None,
+                          database=conn.get("schema") or None,
+                          query={k: str(v) for k, v in extra.items() if k in ("sslmode", "application_name")},
+                          ).render_as_string(hide_password=False)
+    if kind == "sqlite":
+        return f"sqlite:///{conn.get('host') or conn.get('schema')}"
+    raise ConfigError(f"connection {conn.get('conn_id')!r}: type {kind!r} is not a review database "
+                      "(use a postgres connection, or extra.sqlalchemy_url)")
+
+
+def store_settings_from_connection(conn: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings fields for the object store from an Airflow connection dict.
+
+    An ``aws`` connection (login/password = access/secret key; extra
+    ``endpoint_url`` such as ``http://minio:9000``, ``bucket``, optional
+    ``prefix`` and ``region_name``) or a ``generic`` one with host/port.
+    A ``fs`` connection (extra ``path``) selects a local folder store.
+    """
+    extra = _extra(conn)
+    kind = (conn.get("conn_type") or "").lower()
+    if kind in ("fs", "file"):
+        path = extra.get("path") or conn.get("host")
+        if not path:
+            raise ConfigError(f"connection {conn.get('conn_id')!r}: an fs store needs extra.path")
+        return {"store_url": f"file://{Path(path).resolve()}"}
+    bucket = extra.get("bucket") or extra.get("bucket_name") or conn.get("schema")
+    if not bucket:
+        raise ConfigError(f"connection {conn.get('conn_id')!r}: name the bucket in extra.bucket")
+    endpoint, secure = "", False
+    url = extra.get("endpoint_url") or (extra.get("service_config") or {}).get("s3", {}).get("endpoint_url")
+    if url:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        endpoint, secure = parts.netloc, parts.scheme == "https"
+    elif conn.get("host"):
+        endpoint = f"{conn['host']}:{conn['port']}" if conn.get("port") else conn["host"]
+        secure = bool(extra.get("secure", False))
+    if not endpoint:
+        raise ConfigError(f"connection {conn.get('conn_id')!r}: set extra.endpoint_url (e.g. http://minio:9000)")
+    prefix = str(extra.get("prefix", "")).strip("/")
+    return {"store_url": f"s3://{bucket}" + (f"/{prefix}" if prefix else ""),
+            "s3_endpoint": endpoint, "s3_secure": secure,
+            "s3_access_key": conn.get("login") or extra.get("aws_access_key_id") or "",
+            "s3_secret_key": conn.get("password") or extra.get("aws_secret_access_key") or "",
+            "s3_region": extra.get("region_name") or ""}
+
+
+def settings_from_connections(db_conn: Mapping[str, Any] | None, s3_conn: Mapping[str, Any] | None,
+                              env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from ``MODERATION_*`` variables, with the database and store from connections."""
+    values: dict[str, Any] = {}
+    if db_conn:
+        values["database_url"] = database_url_from_connection(db_conn)
+    if s3_conn:
+        values.update(store_settings_from_connection(s3_conn))
+    values.update(overrides)
+    return Settings.from_env(env, **values)
+
+
+# -- pipelines pinned to a model -------------------------------------------------------------
+
+
+@dataclass
+class PinnedPipeline(Pipeline):
+    """A pipeline whose ``current_model`` is a fixed version (empty: the pointer, as usual)."""
+
+    model_version: str = ""
+
+    def current_model(self) -> ModelVersion:
+        if not self.model_version:
+            return super().current_model()
+        try:
+            record = self.registry.manifest(Kind.MODEL, self.model_version)
+        except NotFoundError:
+            raise NotFoundError(f"model version {self.model_version} is not in the registry") from None
+        self.db.record_model(record)
+        return record
+
+
+def open_pipeline(settings: Settings, model_version: str | None = None) -> PinnedPipeline:
+    base = Pipeline.open(settings)
+    return PinnedPipeline(base.settings, base.store, base.db, model_version or "")
+
+
+def current_model_version(settings: Settings) -> str:
+    return open_pipeline(settings).current_model().version
+
+
+def has_index(registry: Registry, model_version: str) -> bool:
+    try:
+        registry.current(Kind.INDEX, model_version=model_version)
+        return True
+    except NotFoundError:
+        return False
+
+
+def serving_model(p: Pipeline) -> ModelVersion:
+    """The model matching uses: the current one once its index exists, else the newest that has one."""
+    current = p.current_model()
+    if has_index(p.registry, current.version):
+        return current
+    for record in reversed(p.registry.versions(Kind.MODEL)):
+        if record.version != current.version and has_index(p.registry, record.version):
+            log.warning("model %s is current but has no reference index yet; matching keeps serving "
+                        "model %s until statistics and index are rebuilt", current.version, record.version)
+            return record
+    return current  # pin() raises the library's NotFoundError with its hint
+
+
+# -- listing, sampling, sharding -------------------------------------------------------------
+
+
+def list_images(store: ObjectStore, prefix: str) -> list[str]:
+    return [k for k in store.list(prefix) if k.lower().endswith(IMAGE_SUFFIXES)]
+
+
+def sample_keys(keys: Sequence[str], n: int, seed: int = 0) -> list[str]:
+    """A deterministic sample of ``n`` keys (all if fewer): rank by a seeded hash.
+
+    Stable as images are added: a key in today's sample stays in it unless a
+    new key ranks above it, so statistics change only with the data.
+    """
+    if n <= 0 or n >= len(keys):
+        return sorted(keys)
+    ranked = sorted(keys, key=lambda k: sha256_hex(f"{seed}:{k}".encode()))
+    return sorted(ranked[:n])
+
+
+def shard_of(key: str, count: int) -> int:
+    return int(sha256_hex(key.encode())[:8], 16) % count
+
+
+def shard_count(n_keys: int, keys_per_shard: int, max_shards: int) -> int:
+    return max(1, min(max_shards, math.ceil(n_keys / max(1, keys_per_shard))))
+
+
+def run_slug(run_id: str) -> str:
+    """An Airflow run id as one object-key segment."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("._")[:80] or "run"
+    return f"{slug}-{sha256_hex(run_id.encode())[:8]}"
+
+
+# -- background statistics -------------------------------------------------------------------
+
+
+def sample_background(settings: Settings, *, prefix: str = BACKGROUND_PREFIX, sample_size: int = 5000,
+                      seed: int = 0, model_version: str | None = None) -> dict[str, Any]:
+    """Resolve the model and sample the background set. Reads: store listing. Writes: nothing."""
+    p = open_pipeline(settings, model_version)
+    model = p.current_model()
+    keys = list_images(p.store, prefix)
+    if not keys:
+        raise BatchFailedError(f"no background images under {prefix!r} in {p.store.url}")
+    chosen = sample_keys(keys, sample_size, seed)
+    log.info("sampled %d of %d background images for model %s", len(chosen), len(keys), model.version)
+    return {"model_version": model.version, "prefix": prefix, "keys": chosen, "available": len(keys)}
+
+
+def fit_background_stats(settings: Settings, sample: Mapping[str, Any],
+                         limits: quality.QualityLimits | None = None) -> dict[str, Any]:
+    """Embed the sample (embeddings gate), fit and publish statistics for the sample's model.
+
+    Writes: vector cache, ``stats/MODEL/STATS/`` and its pointer (only if
+    the statistics changed), stats_versions row. Returns the version in force.
+    """
+    p = open_pipeline(settings, sample["model_version"])
+    model = p.current_model()
+    source = StoreSource(settings, sample["prefix"], keys=tuple(sample["keys"]))
+    result = p.embed(p.load(model), source, "background")
+    gate = quality.check_embeddings(result.vectors, model.dim, "background", limits).raise_for_failure()
+    before = _current_version(p.registry, Kind.STATS, model_version=model.version)
+    stats = refresh_stats(p, source)
+    return {"model_version": model.version, "stats_version": stats.version,
+            "changed": stats.version != before, "previous": before, "n_background": stats.n_background,
+            "embeddings_gate": gate.summary()}
+
+
+def _current_version(registry: Registry, kind: Kind, **pins: str) -> str | None:
+    try:
+        return registry.current(kind, **pins).version
+    except NotFoundError:
+        return None
+
+
+# -- reference index -------------------------------------------------------------------------
+
+
+def plan_reference_index(settings: Settings, *, prefix: str = REFERENCES_PREFIX, keys_per_shard: int = 2000,
+                         max_shards: int = 16, model_version: str | None = None) -> dict[str, Any]:
+    """Pin model + statistics in force, list the references, split them into shards.
+
+    Raises NotFoundError when the model has no statistics yet (run the
+    statistics DAG first) and BatchFailedError when the prefix is empty.
+    """
+    p = open_pipeline(settings, model_version)
+    model = p.current_model()
+    stats = p.current_stats(model)
+    if stats.model_version != model.version:
+        raise VersionMismatchError(f"statistics {stats.version} belong to model {stats.model_version}, "
+                                   f"not {model.version}")
+    keys = list_images(p.store, prefix)
+    if not keys:
+        raise BatchFailedError(f"no reference images under {prefix!r} in {p.store.url}")
+    count = shard_count(len(keys), keys_per_shard, max_shards)
+    pins = {"model_version": model.version, "stats_version": stats.version, "prefix": prefix}
+    return {**pins, "n_keys": len(keys),
+            "shards": [{**pins, "index": i, "count": count} for i in range(count)]}
+
+
+def embed_reference_shard(settings: Settings, shard: Mapping[str, Any], *, run_id: str,
+                          limits: quality.QualityLimits | None = None) -> dict[str, Any]:
+    """Profile and embed one shard of the references into the shared vector cache.
+
+    Reads: the shard's images. Writes: the shard's quality profile
+    (``quality/profiles/references/RUN/shard-N.csv``) and new vectors in
+    ``embeddings/MODEL/``. Fails on non-finite, wrong-size or non-unit vectors.
+    """
+    p = open_pipeline(settings, shard["model_version"])
+    model = p.current_model()
+    index, count = int(shard["index"]), int(shard["count"])
+    keys = [k for k in list_images(p.store, shard["prefix"]) if shard_of(k, count) == index]
+    profile = quality.profile_images(p.store.get, keys, max_pixels=settings.max_image_pixels,
+                                     max_bytes=settings.max_file_bytes)
+    profile_key = f"{PROFILES_PREFIX}references/{run_slug(run_id)}/shard-{index:05d}.csv"
+    p.store.put(profile_key, quality.profile_to_csv(profile), "text/csv")
+    good = tuple(profile.loc[profile["decoded"], "key"])
+    out = {"model_version": model.version, "index": index, "keys": len(keys), "embedded": 0,
+           "cached": 0, "failed": len(keys) - len(good), "profile_key": profile_key}
+    if good:
+        result = p.embed(p.load(model), StoreSource(settings, shard["prefix"], keys=good),
+                         f"reference shard {index + 1}/{count}")
+        quality.check_embeddings(result.vectors, model.dim, "references", limits).raise_for_failure()
+        out.update(embedded=len(result.refs), cached=result.cached, failed=out["failed"] + len(result.failures))
+    return out
+
+
+def check_reference_batch(settings: Settings, plan: Mapping[str, Any], shards: Sequence[Mapping[str, Any]],
+                          limits: quality.QualityLimits | None = None) -> dict[str, Any]:
+    """The batch gate over the whole reference set (all shards' profiles); refuses mixed models."""
+    import pandas as pd
+
+    mixed = sorted({s["model_version"] for s in shards} - {plan["model_version"]})
+    if mixed:
+        raise VersionMismatchError(f"shards were embedded with {mixed}, the plan pinned {plan['model_version']}")
+    store = open_store(settings)
+    frames = [quality.profile_from_csv(store.get(s["profile_key"])) for s in shards]
+    frame = pd.concat(frames, ignore_index=True) if frames else quality.profile_from_csv(b"")
+    result = quality.check_image_batch(frame, "references", limits).raise_for_failure()
+    return {**result.info, "summary": result.summary()}
+
+
+def build_index_version(settings: Settings, plan: Mapping[str, Any]) -> dict[str, Any]:
+    """Build and publish the index for the plan's model with the plan's statistics.
+
+    Reads: references (vectors from the cache), ``stats/MODEL/STATS``.
+    Writes: ``indexes/MODEL/INDEX/`` then its pointer (only if the reference
+    set or statistics changed), index_versions row. Raises
+    VersionMismatchError if the statistics in force changed since planning.
+    """
+    p = open_pipeline(settings, plan["model_version"])
+    model = p.current_model()
+    stats = p.current_stats(model)
+    if stats.version != plan["stats_version"]:
+        raise VersionMismatchError(f"statistics for model {model.version} moved from {plan['stats_version']} "
+                                   f"to {stats.version} during this run; rerun the index DAG")
+    before = _current_version(p.registry, Kind.INDEX, model_version=model.version)
+    index = build_reference_index(p, StoreSource(settings, plan["prefix"]))
+    if (index.model_version, index.stats_version) != (plan["model_version"], plan["stats_version"]):
+        raise VersionMismatchError(f"index {index.version} pins {index.model_version}/{index.stats_version}, "
+                                   f"expected {plan['model_version']}/{plan['stats_version']}")
+    return {"model_version": index.model_version, "stats_version": index.stats_version,
+            "index_version": index.version, "count": index.count, "changed": index.version != before,
+            "previous": before}
+
+
+def calibrate_if_labelled(settings: Settings, built: Mapping[str, Any], *,
+                          prefix: str = CALIBRATION_PREFIX, target_precision: float = 0.9) -> dict[str, Any]:
+    """Calibrate the threshold of the new (model, statistics) pair on the labelled set, if one exists.
+
+    Reads: ``calibration/ground_truth.csv`` and ``calibration/queries/``.
+    Writes: ``calibrations/MODEL/STATS/CAL`` and a calibrations row. A pair
+    that already has a calibration is left alone unless its index changed.
+    """
+    p = open_pipeline(settings, built["model_version"])
+    gt_key = f"{prefix}ground_truth.csv"
+    if not p.store.exists(gt_key):
+        return {"calibrated": False, "reason": f"no labelled set at {gt_key}"}
+    model = p.current_model()
+    stats = p.registry.manifest(Kind.STATS, built["stats_version"], model_version=model.version)
+    if p.current_calibration(model, stats) is not None and not built.get("changed"):
+        return {"calibrated": False, "reason": "this model/statistics pair is already calibrated"}
+    with tempfile.TemporaryDirectory() as tmp:
+        gt = Path(tmp) / "ground_truth.csv"
+        gt.write_bytes(p.store.get(gt_key))
+        record, metrics = calibrate_labelled(p, StoreSource(settings, f"{prefix}queries/"), gt,
+                                             target_precision=target_precision)
+    return {"calibrated": True, "calibration_version": record.version, "threshold": record.threshold,
+            "metrics": quality._jsonable(metrics)}
+
+
+# -- daily matching --------------------------------------------------------------------------
+
+
+def batch_date(requested: str | None, logical_date: datetime | str | None) -> str:
+    """The day to match: ``requested`` (YYYY-MM-DD, for late data) or the day before the run's date."""
+    if requested:
+        requested = str(requested).strip()
+        if not _DATE.match(requested):
+            raise ConfigError(f"date {requested!r} is not YYYY-MM-DD")
+        date.fromisoformat(requested)
+        return requested
+    if isinstance(logical_date, str):
+        logical_date = datetime.fromisoformat(logical_date)
+    when = logical_date or datetime.now(timezone.utc)
+    return (when.date() - timedelta(days=1)).isoformat()
+
+
+def batch_prefix(day: str) -> str:
+    """The object prefix (and match-run batch name) of a day's queries: ``queries/YYYY-MM-DD/``."""
+    if not _DATE.match(day):
+        raise ConfigError(f"date {day!r} is not YYYY-MM-DD")
+    return f"{QUERIES_PREFIX}{day}/"
+
+
+def check_query_batch(settings: Settings, batch: str,
+                      limits: quality.QualityLimits | None = None) -> dict[str, Any]:
+    """Profile the day's queries and run the batch gate. Writes the profile under ``quality/profiles/``."""
+    store = open_store(settings)
+    keys = list_images(store, batch)
+    if not keys:
+        raise BatchFailedError(f"no query images under {batch!r} in {store.url}: has the day been "
+                               "uploaded? Rerun with the date parameter when late data arrives.")
+    profile = quality.profile_images(store.get, keys, max_pixels=settings.max_image_pixels,
+                                     max_bytes=settings.max_file_bytes)
+    store.put(f"{PROFILES_PREFIX}{batch.rstrip('/')}.csv", quality.profile_to_csv(profile), "text/csv")
+    result = quality.check_image_batch(profile, "queries", limits).raise_for_failure()
+    return {**result.info, "batch": batch, "summary": result.summary()}
+
+
+def embed_query_batch(settings: Settings, batch: str,
+                      limits: quality.QualityLimits | None = None) -> dict[str, Any]:
+    """Embed the day's queries with the serving model into the cache; embeddings gate.
+
+    Returns the model version the matching task must use.
+    """
+    p = open_pipeline(settings)
+    model = serving_model(p)
+    pinned = open_pipeline(settings, model.version)
+    result = pinned.embed(pinned.load(model), StoreSource(settings, batch), "queries")
+    gate = quality.check_embeddings(result.vectors, model.dim, "queries", limits).raise_for_failure()
+    return {"batch": batch, "model_version": model.version, "embedded": len(result.refs),
+            "cached": result.cached, "failed": len(result.failures), "embeddings_gate": gate.summary()}
+
+
+def match_batch(settings: Settings, batch: str, model_version: str) -> dict[str, Any]:
+    """Hold the batch back from review, then match it against the pinned chain.
+
+    Writes: a ``pending`` hold, ``runs/BATCH/`` artifacts, the batch's
+    match_runs row and flagged_pairs (replacing an earlier run of the batch).
+    """
+    p = open_pipeline(settings, model_version)
+    quality.place_hold(p.db, batch, "awaiting the flagged-pairs quality gate")
+    summary = run_matching(p, StoreSource(settings, batch), batch)
+    return asdict(summary)
+
+
+def gate_flagged_batch(settings: Settings, batch: str, *, release: bool = False, released_by: str = "",
+                       limits: quality.QualityLimits | None = None) -> dict[str, Any]:
+    """Check the batch's flagged pairs; release the hold, or keep it (``held``) and raise.
+
+    ``release`` (an operator's decision, e.g. the DAG parameter) lets the
+    pairs through even when the gate fails, recording who released them.
+    """
+    limits = limits or quality.QualityLimits.from_env()
+    p = open_pipeline(settings)
+    run = p.db.run(batch)
+    if run is None or run.status != "complete":
+        raise NotFoundError(f"batch {batch!r} has no complete match run")
+    pairs = p.db.pairs(run.id)
+    held = set(quality.held_batches(p.db))
+    history = [n for b, n in p.db.flagged_counts_by_day(limits.spike_window + len(held) + 1)
+               if b != batch and b not in held][-limits.spike_window:]
+    result = quality.check_flagged_pairs(pairs, threshold=run.threshold, beta=settings.sn_beta,
+                                         topk=settings.topk, history=history, limits=limits)
+    out = {"batch": batch, "run_id": run.id, "flagged": len(pairs), "passed": result.success,
+           "summary": result.summary(), **{k: result.info.get(k) for k in ("trailing_mean", "max_count", "spike")}}
+    if result.success:
+        quality.release_hold(p.db, batch, "quality-gate")
+        return {**out, "hold": quality.HOLD_RELEASED}
+    if release:
+        quality.release_hold(p.db, batch, released_by or "operator", note=result.summary())
+        log.warning("gate failed but the operator released batch %s:\n%s", batch, result.summary())
+        return {**out, "hold": quality.HOLD_RELEASED, "released_by": released_by or "operator"}
+    quality.place_hold(p.db, batch, result.summary(), status=quality.HOLD_HELD, details=result.to_dict())
+    raise quality.QualityGateError(result)
+
+
+# -- retraining ------------------------------------------------------------------------------
+
+
+TRAIN_PARAM_DEFAULTS: dict[str, Any] = {
+    "backbone": "auto", "epochs": 1.0, "max_steps": 0, "batch_size": 32, "learning_rate": 1e-3,
+    "entropy_weight": 10.0, "augmentation": "wide", "images_prefix": TRAINING_PREFIX,
+    "validation_prefix": VALIDATION_PREFIX, "generated_images": 1000, "crop_size": 224,
+    "promote": True, "force_promote": False,
+}
+
+
+def plan_training(settings: Settings, params: Mapping[str, Any], *, run_id: str = "manual") -> dict[str, Any]:
+    """Turn the DAG parameters into a TrainConfig dict (steps from epochs over the image pool)."""
+    from trainer.config import TrainConfig
+
+    prm = {**TRAIN_PARAM_DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    store = open_store(settings)
+    prefix = str(prm["images_prefix"] or "")
+    n_images = len(list_images(store, prefix)) if prefix else 0
+    pool = n_images + int(prm["generated_images"])
+    if pool == 0:
+        raise BatchFailedError(f"no training images under {prefix!r} and generated_images is 0")
+    steps = max(1, math.ceil(float(prm["epochs"]) * pool / int(prm["batch_size"])))
+    if int(prm["max_steps"]) > 0:
+        steps = min(steps, int(prm["max_steps"]))
+    config = TrainConfig(
+        images_prefix=(prefix,) if n_images else (), generated=int(prm["generated_images"]),
+        backbone=str(prm["backbone"]), preset=str(prm["augmentation"]), crop_size=int(prm["crop_size"]),
+        entropy_weight=float(prm["entropy_weight"]), batch_size=int(prm["batch_size"]), steps=steps,
+        lr=float(prm["learning_rate"]), warmup_steps=min(50, max(0, steps // 10)),
+        workers=settings.workers, progress=False, publish=True,
+        force_promote=bool(prm["force_promote"]),
+        out_dir=str(settings.home / "train" / run_slug(run_id)),
+        checkpoint_every=max(1, min(100, steps)), log_every=max(1, min(10, steps)),
+        command=f"airflow dag sscd_retrain run {run_id}")
+    return {"config": config.to_dict(), "promote": bool(prm["promote"]),
+            "validation_prefix": str(prm["validation_prefix"] or ""), "n_images": n_images, "steps": steps}
+
+
+class _NoPromoteRegistry(Registry):
+    """Publishes versions but never moves a pointer (a retrain asked not to promote)."""
+
+    def publish(self, kind, record, files, *, make_current: bool = True):
+        return super().publish(kind, record, files, make_current=False)
+
+
+def train_and_publish_model(settings: Settings, plan: Mapping[str, Any]) -> dict[str, Any]:
+    """Train, evaluate (raw 90%-precision threshold), publish a model version, maybe promote it.
+
+    The one place that calls the trainer. Reads: training images, the
+    validation set under ``validation/`` (downloaded when present).
+    Writes: ``models/MODEL/`` and, when promoted, ``models/CURRENT``.
+    Promotion: ``promote`` and (the new model beats the incumbent on the
+    validation set, or ``force_promote``).
+    """
+    from trainer import TrainConfig, train_and_publish
+
+    config = TrainConfig.from_dict(plan["config"])
+    store = open_store(settings)
+    registry = Registry(store) if plan.get("promote", True) else _NoPromoteRegistry(store)
+    before = _current_version(registry, Kind.MODEL)
+    with tempfile.TemporaryDirectory() as tmp:
+        val = plan.get("validation_prefix") or ""
+        if val and store.exists(f"{val}ground_truth.csv"):
+            for key in store.list(val):
+                target = Path(tmp) / key[len(val):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(store.get(key))
+            config = replace(config, val_dir=tmp)
+        result = train_and_publish(config, settings, registry=registry)
+    after = _current_version(registry, Kind.MODEL)
+    if result is None or result.record is None:
+        raise ModerationError("training finished without publishing a model version")
+    record = result.record
+    Pipeline.open(settings).db.record_model(record)
+    return {"model_version": record.version, "promoted": after == record.version and after != before,
+            "previous": before, "metrics": quality._jsonable(result.metrics),
+            "incumbent": quality._jsonable(result.incumbent), "threshold": record.threshold,
+            "backbone": record.backbone, "dim": record.dim}

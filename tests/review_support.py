@@ -1,0 +1,328 @@
+"""Fixtures and helpers for the review-queue, evidence, feedback and fault tests.
+
+Imported by those test modules (``from review_support import ...``) rather
+than living in conftest.py, which other engineers also edit.
+
+- ``fresh_pg_database``: a new Postgres database per test module
+  (``review_test_<random>``), migrated with ``moderation.db.upgrade`` and
+  dropped afterwards. The server is ``MODERATION_TEST_PG_URL`` (default
+  ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``, the maintenance
+  database). No Postgres means these tests fail: they are about Postgres.
+- ``MotoServer``: ``moto_server`` from the venv as a subprocess on a free port.
+- ``TcpProxy``: a TCP forwarder the tests can stop and start, to make a live
+  server (Postgres, moto) unreachable and reachable again without touching
+  the server itself (moto keeps its state only in memory).
+- ``tiny_pipeline_env``: settings for a small real pipeline (MobileNetV2 at
+  96 px, no DataLoader workers) on generated images.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+from moderation.db import (Database, FlaggedPair, IndexVersionRow, MatchRunRecord, ModelVersionRow,
+                           StatsVersionRow, upgrade)
+
+PG_ADMIN_URL = os.environ.get("MODERATION_TEST_PG_URL",
+                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+VENV_BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- Postgres -----------------------------------------------------------------------------------
+
+
+def _admin():
+    return create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+
+def url_for(database: str, user: str | None = None, host: str | None = None, port: int | None = None) -> str:
+    """PG_ADMIN_URL with another database (and optionally user, host, port)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(PG_ADMIN_URL).set(database=database)
+    if user is not None:
+        url = url.set(username=user, password=None)
+    if host is not None:
+        url = url.set(host=host)
+    if port is not None:
+        url = url.set(port=port)
+    return url.render_as_string(hide_password=False)
+
+
+@contextmanager
+def fresh_pg_database(migrate: bool = True, prefix: str = "review_test") -> Iterator[str]:
+    """Create ``<prefix>_<random>``, optionally migrate it, yield its URL, drop it (even if in use)."""
+    name = f"{prefix}_{secrets.token_hex(5)}"
+    engine = _admin()
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = url_for(name)
+    try:
+        if migrate:
+            db = Database(url)
+            upgrade(db)
+            db.engine.dispose()
+        yield url
+    finally:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        engine.dispose()
+
+
+@contextmanager
+def login_role(member_of: str) -> Iterator[str]:
+    """A temporary LOGIN role in ``member_of`` (trust auth: no password); dropped afterwards."""
+    name = f"review_test_{member_of.split('_')[-1]}_{secrets.token_hex(4)}"
+    engine = _admin()
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f'CREATE ROLE "{name}" LOGIN IN ROLE {member_of}')
+    try:
+        yield name
+    finally:
+        with engine.connect() as conn:
+            # Its sessions must be gone before the role can be dropped.
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = :u"),
+                         {"u": name})
+            for _ in range(50):
+                if not conn.execute(text("SELECT 1 FROM pg_stat_activity WHERE usename = :u"),
+                                    {"u": name}).first():
+                    break
+                time.sleep(0.1)
+            conn.exec_driver_sql(f'DROP ROLE IF EXISTS "{name}"')
+        engine.dispose()
+
+
+def seed_versions(db: Database, model: str = "m1", stats: str = "s1", index: str = "i1") -> None:
+    """Version rows a match run must reference (idempotent)."""
+    db.record_version(ModelVersionRow(version=model, backbone="test", dim=4, image_size=96,
+                                      resize_mode="square", source="test", metrics={}))
+    db.record_version(StatsVersionRow(version=stats, model_version=model, postprocess="none",
+                                      in_dim=4, out_dim=4, n_background=1))
+    db.record_version(IndexVersionRow(version=index, model_version=model, stats_version=stats,
+                                      count=1, dim=4, factory="Flat"))
+
+
+def seed_run(db: Database, batch: str, pairs: list[tuple[str, str, float]], *, threshold: float = 0.0,
+             model: str = "m1", stats: str = "s1", index: str = "i1") -> int:
+    """A complete match run with ``(query_id, reference_id, score)`` pairs, written as the pipeline does."""
+    seed_versions(db, model, stats, index)
+    run = MatchRunRecord(batch=batch, model_version=model, stats_version=stats, index_version=index,
+                         threshold=threshold)
+    db.start_run(run)
+    flagged = [FlaggedPair(q, r, raw_score=s + 0.5, score=s, rank=1, query_key=f"queries/{q}.jpg",
+                           reference_key=f"references/{r}.jpg") for q, r, s in pairs]
+    return db.finish_run(run, flagged)
+
+
+def pair_ids(db: Database, run_id: int | None = None) -> list[int]:
+    return [p.id for p in db.pairs(run_id)]
+
+
+# -- servers and faults -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+class MotoServer:
+    """``moto_server`` (an S3 implementation) in a subprocess on a free port."""
+
+    def __init__(self):
+        self.port = free_port()
+        exe = VENV_BIN / "moto_server"
+        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_port(self.port)
+        except TimeoutError:
+            self.stop()
+            raise
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class TcpProxy:
+    """Forward 127.0.0.1:<port> to a target; ``stop()`` refuses and cuts every connection.
+
+    ``stop()`` closes the listening socket and all open connections (the
+    client sees resets, then "connection refused"), ``start()`` listens on
+    the same port again. The server behind it keeps running with its state.
+    """
+
+    def __init__(self, target_host: str, target_port: int, port: int | None = None):
+        self.target = (target_host, target_port)
+        self.port = port or free_port()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self.start()
+
+    def start(self) -> None:
+        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", self.port))
+        ls.listen(64)
+        self._listener = ls
+        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
+
+    @property
+    def running(self) -> bool:
+        return self._listener is not None
+
+    def _accept(self, ls: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = ls.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for s in conns:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                s.close()  # linger 0: the peer gets a reset, as when a server dies
+            except OSError:
+                pass
+
+
+# -- a tiny real pipeline -----------------------------------------------------------------------
+
+_SAMPLE_CACHE: dict[str, Path] = {}
+
+
+def sample_images(root: Path, seed: int = 7) -> "object":
+    """A small labelled set (12 references, 8 copies + 4 distractors, 16 background), cached per run."""
+    from moderation.samples import make_sample_set
+
+    key = f"{seed}"
+    if key not in _SAMPLE_CACHE:
+        base = Path(os.environ.get("PYTEST_REVIEW_CACHE", "")) if os.environ.get("PYTEST_REVIEW_CACHE") else None
+        folder = (base or Path(__import__("tempfile").mkdtemp(prefix="review-samples-"))) / f"set{seed}"
+        make_sample_set(folder, n_references=12, n_copies=8, n_distractors=4, n_background=16, seed=seed,
+                        size=(160, 128))
+        _SAMPLE_CACHE[key] = folder
+    target = Path(root)
+    if not target.exists():
+        shutil.copytree(_SAMPLE_CACHE[key], target)
+    from moderation.samples import SampleSet
+
+    return SampleSet(target, target / "references", target / "queries", target / "background",
+                     target / "ground_truth.csv", 8)
+
+
+def pipeline_env(home: Path, database_url: str, store_url: str = "", **extra: str) -> dict[str, str]:
+    """MODERATION_* variables for a small, fast, deterministic pipeline (also for subprocesses)."""
+    env = {
+        "MODERATION_HOME": str(home),
+        "MODERATION_DATABASE_URL": database_url,
+        "MODERATION_IMAGE_SIZE": "96",
+        "MODERATION_WORKERS": "0",
+        "MODERATION_BATCH_SIZE": "16",
+        "MODERATION_DEVICE": "cpu",
+        "MODERATION_PROGRESS": "0",
+        "MODERATION_POSTPROCESS": "center",
+        "MODERATION_TOPK": "3",
+    }
+    if store_url:
+        env["MODERATION_STORE_URL"] = store_url
+    env.update(extra)
+    return env
+
+
+def settings_from(env: dict[str, str]):
+    from moderation.config import Settings
+
+    return Settings.from_env(env)
+
+
+def build_tiny_pipeline(env: dict[str, str], samples) -> None:
+    """Register the default model, fit statistics and build the reference index (real jobs)."""
+    from moderation.embedding import FolderSource
+    from moderation.jobs import Pipeline, build_reference_index, refresh_stats
+
+    p = Pipeline.open(settings_from(env))
+    refresh_stats(p, FolderSource(samples.background))
+    build_reference_index(p, FolderSource(samples.references))
+    p.db.engine.dispose()
+
+
+def python_env(extra: dict[str, str]) -> dict[str, str]:
+    """The current environment plus ``extra``, with PYTHONPATH kept (for subprocesses)."""
+    env = dict(os.environ)
+    env.update(extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [os.environ.get("PYTHONPATH", ""), str(REPO)] if p)
+    return env

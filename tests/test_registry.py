@@ -1,0 +1,169 @@
+"""Versioned artifacts: publish, resolve, immutability, crash safety, integrity; local and S3."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import fast_env, s3_env
+from moderation.config import Settings
+from moderation.errors import IntegrityError, NotFoundError
+from moderation.images import sha256_hex
+from moderation.registry import (MANIFEST, POINTER, Calibration, IndexVersion, Kind, ModelVersion, Registry,
+                                 StatsVersion, new_version_id)
+from moderation.store import ObjectStore, open_store
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    env = fast_env(tmp_path / "home")
+    if request.param == "s3":
+        env.update(s3_env(request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")))
+    return open_store(Settings.from_env(env))
+
+
+class CrashOnPointer(ObjectStore):
+    """Passes everything through, but 'crashes' when the CURRENT pointer is written."""
+
+    def __init__(self, inner: ObjectStore):
+        self.inner = inner
+        self.url = inner.url
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        if key.endswith("/" + POINTER):
+            raise RuntimeError("simulated crash before the pointer moved")
+        self.inner.put(key, data, content_type)
+
+    def get(self, key):
+        return self.inner.get(key)
+
+    def exists(self, key):
+        return self.inner.exists(key)
+
+    def list(self, prefix=""):
+        return self.inner.list(prefix)
+
+    def delete(self, key):
+        self.inner.delete(key)
+
+    def locate(self, key, expires=None):
+        return self.inner.locate(key)
+
+
+def model(version: str, **kw) -> ModelVersion:
+    return ModelVersion(version=version, backbone="mobilenet_v2", dim=64, image_size=128,
+                        resize_mode="square", source="trained", **kw)
+
+
+def test_publish_then_current(store):
+    reg = Registry(store)
+    with pytest.raises(NotFoundError, match="nothing published yet under models"):
+        reg.current(Kind.MODEL)
+    rec = reg.publish(Kind.MODEL, model("m1", metrics={"uap": 0.5}, threshold=0.7), {"model.pt": b"weights-1"})
+    assert rec.files == {"model.pt": sha256_hex(b"weights-1")}
+    cur = reg.current(Kind.MODEL)
+    assert cur == rec
+    assert cur.metrics == {"uap": 0.5} and cur.threshold == 0.7
+    assert reg.load(Kind.MODEL, cur, "model.pt") == b"weights-1"
+    manifest = json.loads(store.get(f"models/m1/{MANIFEST}"))
+    assert manifest["files"]["model.pt"] == sha256_hex(b"weights-1")
+    assert json.loads(store.get(f"models/{POINTER}"))["version"] == "m1"
+
+    rec2 = reg.publish(Kind.MODEL, model("m2"), {"model.pt": b"weights-2"})
+    assert reg.current(Kind.MODEL).version == "m2"
+    assert [r.version for r in reg.versions(Kind.MODEL)] == ["m1", "m2"]
+    assert reg.manifest(Kind.MODEL, "m1") == rec
+    assert reg.key_of(Kind.MODEL, rec2, "model.pt") == "models/m2/model.pt"
+
+
+def test_version_is_immutable(store):
+    reg = Registry(store)
+    first = reg.publish(Kind.MODEL, model("m1"), {"model.pt": b"original"})
+    reg.publish(Kind.MODEL, model("m2"), {"model.pt": b"newer"})
+    again = reg.publish(Kind.MODEL, model("m1", threshold=0.1), {"model.pt": b"REPLACED"})
+    assert again == first  # the stored record, untouched
+    assert again.threshold is None
+    assert reg.load(Kind.MODEL, again, "model.pt") == b"original"
+    assert store.get("models/m1/model.pt") == b"original"
+    assert reg.current(Kind.MODEL).version == "m1"  # re-publishing points back at it (a rollback)
+
+
+def test_publish_without_making_current(store):
+    reg = Registry(store)
+    reg.publish(Kind.MODEL, model("m1"), {"model.pt": b"1"})
+    reg.publish(Kind.MODEL, model("m2"), {"model.pt": b"2"}, make_current=False)
+    assert reg.current(Kind.MODEL).version == "m1"
+    reg.set_current(Kind.MODEL, reg.manifest(Kind.MODEL, "m2"))
+    assert reg.current(Kind.MODEL).version == "m2"
+
+
+def test_crash_before_pointer_keeps_previous_version(store):
+    reg = Registry(store)
+    reg.publish(Kind.MODEL, model("m1"), {"model.pt": b"good"})
+    crashing = Registry(CrashOnPointer(store))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.publish(Kind.MODEL, model("m2"), {"model.pt": b"half-done"})
+    cur = reg.current(Kind.MODEL)
+    assert cur.version == "m1"
+    assert reg.load(Kind.MODEL, cur, "model.pt") == b"good"
+    # the retry finishes the publish
+    reg.publish(Kind.MODEL, model("m2"), {"model.pt": b"half-done"})
+    assert reg.current(Kind.MODEL).version == "m2"
+
+
+def test_crash_before_manifest_is_never_resolved(store):
+    reg = Registry(store)
+    reg.publish(Kind.MODEL, model("m1"), {"model.pt": b"good"})
+    store.put("models/m3/model.pt", b"orphan")  # files written, then the process died
+    assert reg.current(Kind.MODEL).version == "m1"
+    assert [r.version for r in reg.versions(Kind.MODEL)] == ["m1"]
+    with pytest.raises(NotFoundError, match="has no manifest"):
+        reg.set_current(Kind.MODEL, model("m3"))
+    with pytest.raises(NotFoundError):
+        reg.manifest(Kind.MODEL, "m3")
+    assert reg.current(Kind.MODEL).version == "m1"
+    # publishing m3 properly later works and overwrites the orphan
+    rec = reg.publish(Kind.MODEL, model("m3"), {"model.pt": b"complete"})
+    assert reg.load(Kind.MODEL, rec, "model.pt") == b"complete"
+
+
+def test_sha256_mismatch_is_an_integrity_error(store):
+    reg = Registry(store)
+    rec = reg.publish(Kind.MODEL, model("m1"), {"model.pt": b"genuine", "extra.json": b"{}"})
+    store.put("models/m1/model.pt", b"tampered")
+    with pytest.raises(IntegrityError, match="models/m1/model.pt: sha256 does not match"):
+        reg.load(Kind.MODEL, rec, "model.pt")
+    assert reg.load(Kind.MODEL, rec, "extra.json") == b"{}"  # other files still load
+    with pytest.raises(NotFoundError, match="no file 'other.bin'"):
+        reg.load(Kind.MODEL, rec, "other.bin")
+    store.delete("models/m1/extra.json")
+    with pytest.raises(NotFoundError):
+        reg.load(Kind.MODEL, rec, "extra.json")
+
+
+def test_scopes_are_pinned_per_model_and_stats(store):
+    reg = Registry(store)
+    for m in ("mA", "mB"):
+        reg.publish(Kind.MODEL, model(m), {"model.pt": m.encode()})
+    sa = reg.publish(Kind.STATS, StatsVersion("s1", "mA", "whiten", 64, 32, 100), {"stats.npz": b"a"})
+    sb = reg.publish(Kind.STATS, StatsVersion("s1", "mB", "center", 64, 64, 50), {"stats.npz": b"b"})
+    assert reg.current(Kind.STATS, model_version="mA") == sa
+    assert reg.current(Kind.STATS, model_version="mB") == sb
+    assert reg.load(Kind.STATS, sb, "stats.npz") == b"b"
+    with pytest.raises(NotFoundError):
+        reg.current(Kind.STATS, model_version="mC")
+    ix = reg.publish(Kind.INDEX, IndexVersion("i1", "mA", "s1", 10, 32, "Flat"), {"index.faiss": b"i"})
+    assert reg.current(Kind.INDEX, model_version="mA") == ix
+    cal = reg.publish(Kind.CALIBRATION, Calibration("c1", "mA", "s1", 0.42, 0.9, {"uap": 0.8}), {})
+    assert reg.current(Kind.CALIBRATION, model_version="mA", stats_version="s1") == cal
+    with pytest.raises(NotFoundError):
+        reg.current(Kind.CALIBRATION, model_version="mA", stats_version="s2")
+    assert store.exists("calibrations/mA/s1/c1/manifest.json")
+    assert [r.version for r in reg.versions(Kind.STATS, model_version="mA")] == ["s1"]
+
+
+def test_version_ids_are_sortable_and_unique():
+    a, b = new_version_id(), new_version_id()
+    assert a != b and len(a) == len("20250101T000000-") + 8
+    assert new_version_id("abcdef0123456789").endswith("-abcdef01")
