@@ -139,6 +139,8 @@ class ReviewDecisionRow(Base):
     decision: Mapped[str] = mapped_column(String(20))  # confirmed | rejected | unsure | undo
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
     claim_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), nullable=True)
+    undoes: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                               ForeignKey("review_decisions.id"), nullable=True)
     decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

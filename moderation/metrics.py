@@ -44,7 +44,9 @@ def read_ground_truth(path: Path) -> dict[str, str | None]:
     Raises ModerationError on a malformed file or a duplicated query.
     """
     gt: dict[str, str | None] = {}
-    with open(path, newline="") as fh:
+    # utf-8-sig: a CSV saved by a spreadsheet starts with a BOM, which must not turn
+    # the header into a query with a match.
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         for lineno, row in enumerate(csv.reader(fh), 1):
             if not row or (lineno == 1 and row[0].strip() == "query_id"):
                 continue

@@ -239,6 +239,10 @@ def open_store(settings: Settings) -> ObjectStore:
     """
     url = urlparse(settings.store_url)
     if url.scheme in ("", "file"):
+        if url.scheme and url.netloc not in ("", "localhost"):
+            # file://data would otherwise drop "data" (the URL's host) and use the current folder
+            raise ConfigError(f"MODERATION_STORE_URL={settings.store_url!r}: a file URL needs an absolute "
+                              "path (file:///PATH); or give the folder as a plain path")
         return LocalStore(Path(url.path if url.scheme else settings.store_url))
     if url.scheme in ("s3", "minio"):
         if not url.netloc:

@@ -374,3 +374,58 @@ def make_dataset(days: list[str], *, n_refs: int = 20, n_background: int = 24, c
 def upload(store, objects: dict[str, bytes]) -> None:
     for key, data in objects.items():
         store.put(key, data, "image/jpeg")
+
+
+# -- one stack per test session ---------------------------------------------------------------
+
+_STACK: Stack | None = None
+
+
+def session_stack(root: Path) -> Stack:
+    """The test session's stack, configured on first use and torn down at exit."""
+    global _STACK
+    if _STACK is None:
+        import atexit
+
+        _STACK = configure_airflow(root, tag="pytest")
+
+        def _teardown(stack=_STACK):
+            stack.stop()
+            for name in (stack.meta_db, stack.review_db):
+                try:
+                    drop_database(name)
+                except Exception:  # noqa: BLE001 - best effort at exit
+                    pass
+
+        atexit.register(_teardown)
+    return _STACK
+
+
+def asset_events(name: str) -> list[dict]:
+    """Extras of the events of asset ``name``, oldest first."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as s:
+        rows = (s.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                .filter(AssetModel.name == name).order_by(AssetEvent.id).all())
+        return [dict(r.extra or {}) for r in rows]
+
+
+def queued_runs(dag_id: str) -> list[str]:
+    """Assets that have queued an asset-triggered run of ``dag_id`` (AssetDagRunQueue)."""
+    from airflow.models.asset import AssetDagRunQueue, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as s:
+        rows = (s.query(AssetModel.name).join(AssetDagRunQueue, AssetDagRunQueue.asset_id == AssetModel.id)
+                .filter(AssetDagRunQueue.target_dag_id == dag_id).all())
+        return [r[0] for r in rows]
+
+
+def clear_queue() -> None:
+    from airflow.models.asset import AssetDagRunQueue
+    from airflow.utils.session import create_session
+
+    with create_session() as s:
+        s.query(AssetDagRunQueue).delete()

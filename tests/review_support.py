@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, text
 
 from moderation.db import (Database, FlaggedPair, IndexVersionRow, MatchRunRecord, ModelVersionRow,
@@ -40,6 +41,24 @@ PG_ADMIN_URL = os.environ.get("MODERATION_TEST_PG_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 VENV_BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
+
+
+# -- CPU threads --------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def torch_single_thread():
+    """One intra-op thread for torch while a module of these tests runs (restored afterwards).
+
+    The runs here are tiny; on a small, shared machine two spinning intra-op
+    threads per process make them ten times slower, not faster.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # -- Postgres -----------------------------------------------------------------------------------
@@ -323,6 +342,155 @@ def build_tiny_pipeline(env: dict[str, str], samples) -> None:
 def python_env(extra: dict[str, str]) -> dict[str, str]:
     """The current environment plus ``extra``, with PYTHONPATH kept (for subprocesses)."""
     env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # see torch_single_thread
     env.update(extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [os.environ.get("PYTHONPATH", ""), str(REPO)] if p)
     return env
+
+
+_TEMPLATE: dict[str, object] = {}
+
+
+def pipeline_template():
+    """(samples, store folder) of a tiny pipeline built once per test process.
+
+    The store holds the default model, background statistics and a reference
+    index (registered with real jobs on a throwaway SQLite database). The
+    review database is not part of it: a run records the versions it uses.
+    """
+    import tempfile
+
+    if "store" not in _TEMPLATE:
+        root = Path(tempfile.mkdtemp(prefix="review-pipeline-"))
+        samples = sample_images(root / "images")
+        env = pipeline_env(root / "home", f"sqlite:///{root / 'template.db'}")
+        build_tiny_pipeline(env, samples)
+        _TEMPLATE.update(samples=samples, store=root / "home" / "store", root=root)
+        import atexit
+
+        atexit.register(shutil.rmtree, root, True)
+    return _TEMPLATE["samples"], _TEMPLATE["store"]
+
+
+def local_pipeline(home: Path, database_url: str, **extra: str) -> tuple[dict[str, str], object]:
+    """A home whose local store is a copy of the template; returns (env, samples)."""
+    samples, store = pipeline_template()
+    shutil.copytree(store, Path(home) / "store")
+    return pipeline_env(Path(home), database_url, **extra), samples
+
+
+def upload_template(store) -> None:
+    """Copy the template store's objects into ``store`` (e.g. an S3 bucket)."""
+    _, folder = pipeline_template()
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and not path.name.startswith(".tmp-"):
+            store.put(path.relative_to(folder).as_posix(), path.read_bytes())
+
+
+class InterruptingSource:
+    """A FolderSource that calls ``action()`` when the ``after``-th image is read (once).
+
+    Picklable only when ``action`` is: tests use it with MODERATION_WORKERS=0.
+    """
+
+    def __init__(self, folder: Path, after: int, action):
+        from moderation.embedding import FolderSource
+
+        self.inner = FolderSource(Path(folder))
+        self.after, self.action, self.reads = after, action, 0
+
+    def refs(self):
+        return self.inner.refs()
+
+    def read(self, location: str) -> bytes:
+        self.reads += 1
+        if self.reads == self.after:
+            self.action()
+        return self.inner.read(location)
+
+
+def run_child_main(argv: list[str]) -> None:
+    """A matching run that stops at a chosen point and waits to be killed (SIGKILL from the test).
+
+    ``argv``: WHERE MARKER QUERIES BATCH, WHERE in embedding | evidence | commit.
+    """
+    where, marker, queries, batch = argv
+
+    def reached() -> None:
+        Path(marker).write_text(where)
+        time.sleep(120)  # the test kills us here
+        raise SystemExit("not killed")
+
+    from moderation.embedding import FolderSource
+    from moderation.jobs import Pipeline, run_matching
+
+    p = Pipeline.open(settings_from(dict(os.environ)))
+    source = FolderSource(Path(queries))
+    if where == "embedding":
+        source = InterruptingSource(Path(queries), 5, reached)
+    elif where == "evidence":
+        put, count = p.store.put, [0]
+
+        def put_then_stop(key, data, content_type="application/octet-stream"):
+            put(key, data, content_type)
+            if "/evidence/" in key:
+                count[0] += 1
+                if count[0] == 3:
+                    reached()
+
+        p.store.put = put_then_stop
+    elif where == "commit":
+        upsert = p.db._upsert_pairs
+
+        def upsert_then_stop(s, run_id, pairs, chunk):
+            upsert(s, run_id, pairs, 2)  # written, not committed
+            s.flush()
+            reached()
+
+        p.db._upsert_pairs = upsert_then_stop
+    run_matching(p, source, batch)
+    print("completed")
+
+
+# -- a moderator in another process (concurrency tests) -----------------------------------------
+
+
+def moderator_loop(db: Database, name: str, *, n: int = 3, release_every: int = 0, seed: int = 0) -> dict:
+    """Claim and decide until the queue is empty; returns what this moderator saw and did.
+
+    With ``release_every`` k > 0, every k-th claimed pair is released unused
+    instead of decided (it must then be decided by someone, possibly later).
+    """
+    import random
+
+    from moderation import review
+
+    rng = random.Random(seed)
+    claimed, decided, released = [], [], []
+    count = 0
+    while True:
+        batch = review.claim(db, name, n)
+        if not batch:
+            break
+        for c in batch:
+            claimed.append(c["pair_id"])
+            count += 1
+            if release_every and count % release_every == 0:
+                review.release(db, name, c["pair_id"])
+                released.append(c["pair_id"])
+                continue
+            out = review.decide(db, c["pair_id"], name, rng.choice(("confirmed", "rejected", "unsure")))
+            decided.append([c["pair_id"], out["decision_id"]])
+    return {"claimed": claimed, "decided": decided, "released": released}
+
+
+if __name__ == "__main__":  # moderator URL NAME N RELEASE_EVERY SEED | run WHERE MARKER QUERIES BATCH
+    import json
+
+    if sys.argv[1] == "run":
+        run_child_main(sys.argv[2:])
+    elif sys.argv[1] == "moderator":
+        _db = Database(sys.argv[2])
+        print(json.dumps(moderator_loop(_db, sys.argv[3], n=int(sys.argv[4]), release_every=int(sys.argv[5]),
+                                        seed=int(sys.argv[6]))))
+        _db.engine.dispose()

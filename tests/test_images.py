@@ -14,7 +14,7 @@ from PIL import Image
 from moderation.config import ResizeMode
 from moderation.errors import BadImageError
 from moderation.images import (IMAGENET_MEAN, IMAGENET_STD, decode_image, image_id_from, list_image_files,
-                               preprocess, resize, sha256_hex, to_tensor)
+                               normalise_batch, preprocess, preprocess_uint8, resize, sha256_hex, to_tensor)
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -224,6 +224,15 @@ def test_to_tensor_imagenet_normalisation():
                 (128 / 255 - IMAGENET_MEAN[2]) / IMAGENET_STD[2]]
     np.testing.assert_allclose(t[:, 1, 2].numpy(), expected, rtol=1e-5)
     assert preprocess(Image.new("RGB", (50, 40)), 32, ResizeMode.SQUARE).shape == (3, 32, 32)
+
+
+def test_uint8_transfer_then_normalise_equals_float_preprocessing():
+    img = decode_image(encode(noise(50, 30), "PNG"))
+    u8 = preprocess_uint8(img, 24, ResizeMode.SHORT_EDGE)
+    assert u8.dtype == torch.uint8 and u8.shape == (3, 24, 40)
+    batch = normalise_batch(u8.unsqueeze(0))
+    assert batch.dtype == torch.float32 and batch.shape == (1, 3, 24, 40)
+    torch.testing.assert_close(batch[0], preprocess(img, 24, ResizeMode.SHORT_EDGE), rtol=1e-5, atol=1e-5)
 
 
 def test_ids_hashes_and_listing(tmp_path):

@@ -150,6 +150,9 @@ def test_read_ground_truth(tmp_path):
     g = tmp_path / "noheader.csv"
     g.write_text("Q1,R1\nQ2\n")
     assert read_ground_truth(g) == {"Q1": "R1", "Q2": None}
+    bom = tmp_path / "excel.csv"  # saved by a spreadsheet: UTF-8 with a byte-order mark
+    bom.write_bytes("query_id,reference_id\r\nQ1,R1\r\nQ2,\r\n".encode("utf-8-sig"))
+    assert read_ground_truth(bom) == {"Q1": "R1", "Q2": None}
     dup = tmp_path / "dup.csv"
     dup.write_text("Q1,R1\nQ1,R2\n")
     with pytest.raises(ModerationError, match="Q1 appears twice"):

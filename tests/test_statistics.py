@@ -48,7 +48,7 @@ def test_whitening_decorrelates_training_data():
     proj = (x.astype(np.float64) - pp.mean) @ pp.matrix.T.astype(np.float64)  # before L2
     cov = proj.T @ proj / len(x)
     off = cov - np.diag(np.diag(cov))
-    assert np.abs(off).max() < 1e-4 * np.diag(cov).max()
+    assert np.abs(off).max() < 1e-3 * np.diag(cov).max()
     # the L2-normalised output stays nearly decorrelated
     assert _corr_offdiag(pp.apply(x)) < 0.2
 

@@ -222,6 +222,9 @@ def test_open_store_configuration_errors(tmp_path):
                                       "MODERATION_S3_ENDPOINT": "127.0.0.1:1"}))
     with pytest.raises(ConfigError, match="scheme must be file:// or s3://"):
         open_store(Settings.from_env({**base, "MODERATION_STORE_URL": "ftp://host/x"}))
+    # file://data parses "data" as a host: it must not silently become the current folder
+    with pytest.raises(ConfigError, match="absolute"):
+        open_store(Settings.from_env({**base, "MODERATION_STORE_URL": "file://data/store"}))
 
 
 def test_open_store_local_forms(tmp_path):
@@ -231,3 +234,5 @@ def test_open_store_local_forms(tmp_path):
     assert plain.root == (tmp_path / "plain").resolve()
     url = open_store(Settings.from_env({"MODERATION_STORE_URL": f"file://{tmp_path / 'url'}"}))
     assert url.root == (tmp_path / "url").resolve()
+    host = open_store(Settings.from_env({"MODERATION_STORE_URL": f"file://localhost{tmp_path / 'lh'}"}))
+    assert host.root == (tmp_path / "lh").resolve()

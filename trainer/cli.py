@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="object-store prefix of unlabeled training images (repeatable)")
     g.add_argument("--generated", type=int, default=d.generated,
                    help="procedurally generated images added to the pool (default %(default)s)")
+    g.add_argument("--max-side", type=int, default=d.max_side,
+                   help="shrink decoded images to this long side before augmenting (default %(default)s)")
     g = parser.add_argument_group("model")
     g.add_argument("--backbone", default=d.backbone,
                    help="auto (resnet50 on GPU, mobilenet_v2 on CPU), resnet50, resnext101, mobilenet_v2")
@@ -34,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="start from random weights instead of ImageNet")
     g.add_argument("--projection-init", default=d.projection_init, choices=["pca", "orthogonal", "default"])
+    g.add_argument("--init-views", type=int, default=d.init_views,
+                   help="augmented views used to fit the PCA projection init (default %(default)s)")
     g.add_argument("--freeze-stages", type=int, default=d.freeze_stages,
                    help="leading trunk blocks kept frozen (default %(default)s)")
     g.add_argument("--train-bn", dest="freeze_bn", action="store_false",

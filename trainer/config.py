@@ -33,6 +33,7 @@ class TrainConfig:
     dim: int = 512
     pretrained: bool = True
     projection_init: str = "pca"  # pca | orthogonal | default
+    init_views: int = 1024  # augmented views whose trunk features fit the PCA projection init
     freeze_stages: int = 0  # leading trunk blocks kept frozen (see trainer.model)
     freeze_bn: bool = True  # BatchNorm in eval mode: small batches give noisy statistics
     # augmentation

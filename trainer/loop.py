@@ -117,11 +117,13 @@ def train(config: TrainConfig, settings=None, env: D.DistEnv | None = None) -> T
         init_used = saved.get("extra", {}).get("projection_init", "resumed")
     pool, dataset, loader = build_data(config, settings, env, start_step)
     model.to(env.device)
-    if saved is None:
+    if saved is None and env.is_main:  # other ranks get rank 0's weights from DDP
         feats = None
-        if config.projection_init == "pca" and env.is_main:
-            feats = _init_features(model, dataset, max(2 * config.dim, 256), env.device)
+        if config.projection_init == "pca":
+            feats = _init_features(model, dataset, config.init_views, env.device)
         init_used = init_projection(model, config.projection_init, feats)
+    elif saved is None:
+        init_used = "broadcast-from-rank-0"
 
     net: torch.nn.Module = model
     if env.distributed:

@@ -114,6 +114,18 @@ def incumbent_model(registry: Registry | None, settings: Settings):
         return None
 
 
+def beats_incumbent(metrics: dict[str, Any], incumbent: dict[str, Any]) -> bool:
+    """Whether the new model is better: higher μAP with SN on the same validation set.
+
+    No metrics (no validation set): not better. No incumbent: better.
+    """
+    if not metrics:
+        return False
+    if not incumbent:
+        return True
+    return float(metrics["uap_sn"]) > float(incumbent["uap_sn"])
+
+
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in sys.argv)
 
@@ -145,7 +157,7 @@ def train_and_publish(config: TrainConfig, settings: Settings, *, registry: Regi
             name, module, inc_size, inc_mode = found
             inc_eval = evaluate_detailed(module, vs, settings, image_size=inc_size, resize_mode=inc_mode)
             incumbent = dict(inc_eval.metrics, model=name)
-    beats = bool(metrics) and (not incumbent or metrics["uap_sn"] > incumbent["uap_sn"])
+    beats = beats_incumbent(metrics, incumbent)
     promote = config.force_promote or beats
     record = ModelVersion(
         version=new_version_id(sha256_hex(model_bytes)),

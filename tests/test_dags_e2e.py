@@ -1,0 +1,179 @@
+"""End to end on real Airflow (``dag.test()``), Postgres and an S3 server on loopback.
+
+Statistics -> index -> matching in order; a forced failure of the index
+publish is retried without a partial publish; matching the same day again
+replaces its run; retraining with a tiny CPU configuration publishes and
+promotes a model, and the promotion queues the statistics and index rebuild
+before matching uses the new model.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+
+import airflow_harness as h
+
+pytestmark = [pytest.mark.airflow, pytest.mark.slow]
+
+DAY = "2026-11-28"
+FIGURES: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    return h.session_stack(tmp_path_factory.mktemp("airflow"))
+
+
+@pytest.fixture(scope="module")
+def dags(stack):
+    return h.load_dags()
+
+
+@pytest.fixture(scope="module")
+def pipeline(stack):
+    from moderation.jobs import Pipeline
+
+    return Pipeline.open(stack.settings())
+
+
+@pytest.fixture(scope="module")
+def data(stack, pipeline):
+    ds = h.make_dataset([DAY])
+    for part in (ds.references, ds.background, ds.queries[DAY]):
+        h.upload(pipeline.store, part)
+    return ds
+
+
+def _fast_retries(dag, *task_ids):
+    for task_id in task_ids:
+        task = dag.get_task(task_id)
+        task.retry_delay = timedelta(seconds=1)
+        task.retry_exponential_backoff = 0
+
+
+def _pairs(pipeline, batch):
+    run = pipeline.db.run(batch)
+    return run, [(p.id, p.query_id, p.reference_id) for p in pipeline.db.pairs(run.id)]
+
+
+def test_stats_index_matching_retry_and_rerun(stack, dags, pipeline, data):
+    from moderation import quality
+    from moderation.registry import Kind
+
+    # 1. statistics
+    dr, states, secs = h.run_dag(dags["background_stats_refresh"])
+    FIGURES["background_stats_refresh"] = secs
+    assert dr.state == "success", states
+    model = pipeline.registry.current(Kind.MODEL)
+    stats = pipeline.registry.current(Kind.STATS, model_version=model.version)
+    assert stats.n_background == len(data.background)
+    assert h.asset_events("moderation_stats")[-1] == {"model_version": model.version,
+                                                      "stats_version": stats.version}
+    assert h.queued_runs("reference_index_nightly") == ["moderation_stats"]  # the event queues the index
+
+    # 2. index, with the pointer PUT refused (503) until the first attempt of `build` fails
+    index_dag = dags["reference_index_nightly"]
+    _fast_retries(index_dag, "build")
+    fault = stack.proxy.fail("PUT", rf"/{h.BUCKET}/indexes/{model.version}/CURRENT$", times=3)
+    dr, states, secs = h.run_dag(index_dag, conf={"keys_per_shard": 8})
+    FIGURES["reference_index_nightly"] = secs
+    assert dr.state == "success", states
+    assert len(fault.hits) == 3, "the injected failure never happened"
+    assert states["build"] == ("success", 2), states  # failed once, the retry finished the run
+    assert sum(1 for k in states if k.startswith("embed_shard[")) == 3  # 20 refs / 8 per shard
+    index = pipeline.registry.current(Kind.INDEX, model_version=model.version)
+    assert (index.count, index.stats_version) == (len(data.references), stats.version)
+    for name in ("index.faiss", "ids.json", "locations.json"):  # complete and intact (sha256 checked)
+        assert pipeline.registry.load(Kind.INDEX, index, name)
+    published = pipeline.registry.versions(Kind.INDEX, model_version=model.version)
+    assert all(pipeline.store.exists(f"indexes/{model.version}/{v.version}/manifest.json") for v in published)
+    assert h.asset_events("moderation_index")[-1]["index_version"] == index.version
+    with pipeline.db.session() as s:
+        from sqlalchemy import text
+
+        rows = s.execute(text("select version from index_versions")).scalars().all()
+    assert rows == [index.version]  # the failed attempt recorded nothing
+
+    # 3. matching the day
+    batch = f"queries/{DAY}/"
+    dr, states, secs = h.run_dag(dags["query_matching_daily"], conf={"date": DAY})
+    FIGURES["query_matching_daily"] = secs
+    assert dr.state == "success", states
+    run, pairs = _pairs(pipeline, batch)
+    assert run.status == "complete" and run.index_version == index.version
+    assert run.n_queries == len(data.queries[DAY])
+    assert pairs, "no flagged pairs"
+    correct = {(q, r) for _, q, r in pairs if data.truth.get(q) == r}
+    assert len(correct) >= len([q for q in data.truth if q.startswith("Q00")]) // 2, pairs
+    assert not quality.is_held(pipeline.db, batch)
+    assert quality.hold_of(pipeline.db, batch)["released_by"] == "quality-gate"
+
+    # 4. the same day again: the run is replaced, never duplicated
+    dr, states, secs = h.run_dag(dags["query_matching_daily"], conf={"date": DAY})
+    assert dr.state == "success", states
+    run2, pairs2 = _pairs(pipeline, batch)
+    assert run2.id == run.id and sorted(pairs2) == sorted(pairs)
+    with pipeline.db.session() as s:
+        from sqlalchemy import text
+
+        n_runs = s.execute(text("select count(*) from match_runs where batch = :b"), {"b": batch}).scalar()
+        dupes = s.execute(text("select count(*) from (select query_id, reference_id from flagged_pairs "
+                               "group by run_id, query_id, reference_id having count(*) > 1) d")).scalar()
+    assert (n_runs, dupes) == (1, 0)
+
+
+def test_query_gate_failure_is_readable_and_not_retried(stack, dags, pipeline, data):
+    day = "2026-11-29"
+    h.upload(pipeline.store, {f"queries/{day}/Q{i:03d}.jpg": b"not an image" for i in range(3)})
+    h.upload(pipeline.store, {f"queries/{day}/Q9{i:02d}.jpg": data.references[f"references/R000{i}.jpg"]
+                              for i in range(3)})
+    dr, states, _ = h.run_dag(dags["query_matching_daily"], conf={"date": day})
+    assert dr.state == "failed"
+    assert states["check_queries"] == ("failed", 1), states  # a failed gate is not retried
+    assert states["match"][0] == "upstream_failed"
+    assert pipeline.db.run(f"queries/{day}/") is None
+
+
+def test_retrain_promotion_rebuilds_before_matching(stack, dags, pipeline, data):
+    from moderation import orchestration
+    from moderation.registry import Kind
+
+    old = pipeline.registry.current(Kind.MODEL)
+    if not orchestration.has_index(pipeline.registry, old.version):
+        pytest.skip("needs the chain from test_stats_index_matching_retry_and_rerun")
+    h.clear_queue()
+    conf = {"backbone": "mobilenet_v2", "epochs": 1, "max_steps": 2, "batch_size": 4,
+            "generated_images": 8, "crop_size": 64, "images_prefix": "references/",
+            "validation_prefix": "", "promote": True, "force_promote": True}
+    t0 = time.perf_counter()
+    dr, states, secs = h.run_dag(dags["sscd_retrain"], conf=conf)
+    FIGURES["sscd_retrain"] = secs
+    assert dr.state == "success", states
+    new = pipeline.registry.current(Kind.MODEL)
+    assert new.version != old.version and new.source == "trained"
+    assert new.info["config"]["steps"] == 2
+    assert h.asset_events("moderation_model")[-1]["model_version"] == new.version
+    # the promotion queued the statistics refresh (the scheduler would start it now)
+    assert h.queued_runs("background_stats_refresh") == ["moderation_model"]
+
+    # until the new model's index exists, matching keeps the old, complete chain
+    p = orchestration.open_pipeline(stack.settings())
+    assert orchestration.serving_model(p).version == old.version
+
+    dr, states, _ = h.run_dag(dags["background_stats_refresh"], conf={"model_version": new.version})
+    assert dr.state == "success", states
+    assert h.queued_runs("reference_index_nightly") == ["moderation_stats"]
+    dr, states, _ = h.run_dag(dags["reference_index_nightly"], conf={"model_version": new.version})
+    assert dr.state == "success", states
+    index = pipeline.registry.current(Kind.INDEX, model_version=new.version)
+    assert orchestration.serving_model(p).version == new.version
+
+    dr, states, _ = h.run_dag(dags["query_matching_daily"], conf={"date": DAY})
+    assert dr.state == "success", states
+    run = pipeline.db.run(f"queries/{DAY}/")
+    assert (run.model_version, run.index_version) == (new.version, index.version)
+    FIGURES["retrain_to_matching_total"] = time.perf_counter() - t0
+    print("\nDAG wall times (s):", {k: round(v, 1) for k, v in FIGURES.items()})
