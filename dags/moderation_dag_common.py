@@ -1,6 +1,6 @@
 """Shared wiring of the moderation DAGs: assets, retry policy, connections, gate errors.
 
-Not a DAG file (listed in ``.airflowignore``). Everything that does work
+Not a DAG file: it defines no DAG, so the dag-processor parses it and finds none. Everything that does work
 lives in ``moderation.orchestration``; this module only adapts it to Airflow.
 """
 

@@ -57,8 +57,9 @@ def reference_index_nightly():
 
     @task(doc_md="Reads: every shard's profile. Gate: decode failure rate, image sizes, duplicates "
                  "by sha256 over the whole reference set; refuses shards of another model.")
-    def check_references(planned: list, shards: list):
-        return common.no_retry(orchestration.check_reference_batch, common.settings(), planned[0], list(shards))
+    def check_references(planned: list, shards):
+        results = [shards[i] for i in range(len(shards))]  # indexed: no probe past the last shard
+        return common.no_retry(orchestration.check_reference_batch, common.settings(), planned[0], results)
 
     @task(doc_md="Reads: references (vectors from the cache), the pinned statistics. Writes: "
                  "indexes/MODEL/INDEX/ then indexes/MODEL/CURRENT (only if changed), an index_versions "

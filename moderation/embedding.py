@@ -170,7 +170,7 @@ class _Images(Dataset):
         if sha in self.known:
             return i, sha, None, "", ""
         try:
-            img = decode_image(data, self.max_pixels, self.max_bytes)
+            img = decode_image(data, self.max_pixels, self.max_bytes, min_size=self.size)
         except Exception as exc:
             return i, sha, None, getattr(exc, "reason", "unreadable"), getattr(exc, "detail", str(exc))
         return i, sha, preprocess_uint8(img, self.size, self.mode), "", ""

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 EVIDENCE_DIR = "evidence"
 DEFAULT_MAX_PAIRS = 20_000
 OCCLUSION_GRID = 4
+IMAGE_CACHE = 64  # decoded images kept while rendering a run's evidence
 JPEG_QUALITY = 85
 GAP_PX = 4
 # Keys prune_evidence may delete: RUN_FOLDER/evidence/FILE and nothing else, so a
@@ -214,7 +215,7 @@ class _Renderer:
 
     def __post_init__(self):
         self.local = has_local_descriptors(self.module)
-        self._globals: dict[str, torch.Tensor] = {}
+        self._globals: dict[str, torch.Tensor] = _LRU(4096)  # reference descriptors
 
     def tensor(self, img: Image.Image) -> torch.Tensor:
         return preprocess(img, self.size, self.mode).to(self.device)
@@ -263,18 +264,16 @@ def attach_evidence(p, loaded, pairs: Sequence[FlaggedPair], source, run_folder:
     if len(pairs) > limit:
         log.warning("%d flagged pairs: evidence only for the %d highest-scoring ones "
                     "(MODERATION_EVIDENCE_MAX_PAIRS)", len(pairs), limit)
-    images: dict[tuple[str, str], Image.Image | None] = {}
-    out: list[FlaggedPair] = []
+    images = _LRU(IMAGE_CACHE)
+    out: list[FlaggedPair | None] = list(pairs)
     done = failed = 0
-    for i, pair in enumerate(pairs):
-        if i not in chosen:
-            out.append(pair)
-            continue
+    # Query by query, so each query image is decoded once and only a few stay in memory.
+    for i in sorted(chosen, key=lambda k: (pairs[k].query_key or "", -pairs[k].score)):
+        pair = pairs[i]
         q = _image(images, "q", pair.query_key, lambda k: source.read(k), renderer)
         r = _image(images, "r", pair.reference_key, lambda k: _read_reference(p.store, k), renderer)
         if q is None or r is None:
             failed += 1
-            out.append(pair)
             continue
         ev_key, hm_key = evidence_keys(run_folder, pair.query_id, pair.reference_id)
         p.store.put(ev_key, _jpeg(side_by_side(q, r, renderer.max_pixels)), "image/jpeg")
@@ -288,11 +287,26 @@ def attach_evidence(p, loaded, pairs: Sequence[FlaggedPair], source, run_folder:
         if heat is not None:
             p.store.put(hm_key, _jpeg(overlay(q, heat, renderer.max_pixels)), "image/jpeg")
             heat_key = hm_key
-        out.append(replace(pair, evidence_key=ev_key, heatmap_key=heat_key))
+        out[i] = replace(pair, evidence_key=ev_key, heatmap_key=heat_key)
         done += 1
     log.info("evidence for %d of %d flagged pairs under %s/%s/ (%d without: unreadable images)",
              done, len(pairs), run_folder, EVIDENCE_DIR, failed)
-    return out
+    return out  # type: ignore[return-value]
+
+
+class _LRU(dict):
+    """A dict that forgets its oldest entry beyond ``size`` entries (decoded images)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def __setitem__(self, key, value) -> None:
+        if key in self:
+            del self[key]
+        super().__setitem__(key, value)
+        while len(self) > self.size:
+            del self[next(iter(self))]
 
 
 def _image(cache: dict, kind: str, location: str | None, read, renderer: _Renderer) -> Image.Image | None:
@@ -302,7 +316,8 @@ def _image(cache: dict, kind: str, location: str | None, read, renderer: _Render
     if key not in cache:
         try:
             img = decode_image(read(location), renderer.max_image_pixels, renderer.max_file_bytes)
-            # Keep at most what the evidence can show, so a day of large queries stays small in memory.
+            # Keep a little more than the evidence shows and the model sees (a very wide image
+            # still has rows enough for a square resize); with the LRU this bounds memory.
             cap = max(renderer.max_pixels, renderer.size * renderer.size) * 4
             if img.width * img.height > cap:
                 img = img.resize(fit_pixels(img.width, img.height, cap), Image.BILINEAR)

@@ -63,7 +63,9 @@ def wilson(successes: float, n: float, z: float = Z95) -> tuple[float, float]:
     z2 = z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    # Exact at the edges (the closed form leaves 1e-17 crumbs there).
+    return (0.0 if p == 0.0 else lo), (1.0 if p == 1.0 else hi)
 
 
 @dataclass(frozen=True)

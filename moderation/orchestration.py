@@ -431,8 +431,7 @@ def embed_query_batch(settings: Settings, batch: str,
     """
     p = open_pipeline(settings)
     model = serving_model(p)
-    pinned = open_pipeline(settings, model.version)
-    result = pinned.embed(pinned.load(model), StoreSource(settings, batch), "queries")
+    result = p.embed(p.load(model), StoreSource(settings, batch), "queries")
     gate = quality.check_embeddings(result.vectors, model.dim, "queries", limits).raise_for_failure()
     return {"batch": batch, "model_version": model.version, "embedded": len(result.refs),
             "cached": result.cached, "failed": len(result.failures), "embeddings_gate": gate.summary()}

@@ -16,6 +16,7 @@ Airflow reads its configuration when it is first imported, so
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -34,9 +35,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-PG_HOST = os.environ.get("MODERATION_TEST_PG_HOST", "127.0.0.1")
-PG_PORT = int(os.environ.get("MODERATION_TEST_PG_PORT", "5432"))
-PG_USER = os.environ.get("MODERATION_TEST_PG_USER", "postgres")
+# The same maintenance connection as tests/conftest.py.
+_ADMIN = os.environ.get("MODERATION_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 BUCKET = "moderation"
 ACCESS_KEY, SECRET_KEY = "testing", "testing-secret"
 
@@ -165,26 +165,34 @@ class FaultProxy:
 # -- Postgres ---------------------------------------------------------------------------------
 
 
+def _admin():
+    from sqlalchemy.engine import make_url
+
+    return make_url(_ADMIN)
+
+
 def pg_url(db: str, driver: str = "postgresql+psycopg") -> str:
-    return f"{driver}://{PG_USER}@{PG_HOST}:{PG_PORT}/{db}"
+    return _admin().set(drivername=driver, database=db).render_as_string(hide_password=False)
+
+
+def _connect_admin():
+    import psycopg
+
+    a = _admin()
+    return psycopg.connect(host=a.host or "127.0.0.1", port=a.port or 5432, user=a.username,
+                           password=a.password, dbname=a.database or "postgres", autocommit=True)
 
 
 def create_database(name: str) -> str:
     """Drop and create database ``name``; returns its SQLAlchemy URL."""
-    import psycopg
-
-    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres",
-                         autocommit=True) as conn:
+    with _connect_admin() as conn:
         conn.execute(f'drop database if exists "{name}" with (force)')
         conn.execute(f'create database "{name}"')
     return pg_url(name)
 
 
 def drop_database(name: str) -> None:
-    import psycopg
-
-    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres",
-                         autocommit=True) as conn:
+    with _connect_admin() as conn:
         conn.execute(f'drop database if exists "{name}" with (force)')
 
 
@@ -216,7 +224,10 @@ class Stack:
 
 
 def configure_airflow(home: Path, *, tag: str = "test") -> Stack:
-    """Start S3 + proxy, create the databases, set the environment, migrate Airflow's database."""
+    """Start S3 + proxy, create the databases, migrate Airflow's database; returns the stack.
+
+    The environment is applied by :func:`environment`, around the tests that use it.
+    """
     if "airflow" in sys.modules:
         raise RuntimeError("airflow was imported before configure_airflow(); its settings are fixed")
     home = Path(home)
@@ -241,7 +252,7 @@ def configure_airflow(home: Path, *, tag: str = "test") -> Stack:
         "AIRFLOW__DATABASE__LOAD_DEFAULT_CONNECTIONS": "False",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW_CONN_MODERATION_DB": f"postgres://{PG_USER}@{PG_HOST}:{PG_PORT}/{review_db}",
+        "AIRFLOW_CONN_MODERATION_DB": pg_url(review_db, "postgres"),
         "AIRFLOW_CONN_MODERATION_S3": json.dumps(s3_conn),
         # The library's own variables (what a worker's environment holds in compose).
         "MODERATION_HOME": str(home / "moderation"),
@@ -261,17 +272,28 @@ def configure_airflow(home: Path, *, tag: str = "test") -> Stack:
         "GX_ANALYTICS_ENABLED": "false",
         "TQDM_DISABLE": "1",
     }
-    os.environ.update(env)
     airflow_bin = VENV_BIN / "airflow"
-    out = subprocess.run([str(airflow_bin), "db", "migrate"], env={**os.environ}, capture_output=True,
+    out = subprocess.run([str(airflow_bin), "db", "migrate"], env={**os.environ, **env}, capture_output=True,
                          text=True, timeout=300)
     if out.returncode != 0:
         proxy.stop()
         moto.stop()
         raise RuntimeError(f"airflow db migrate failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    subprocess.run([str(airflow_bin), "pools", "set", "gpu", "1", "GPU training"], env={**os.environ},
+    subprocess.run([str(airflow_bin), "pools", "set", "gpu", "1", "GPU training"], env={**os.environ, **env},
                    capture_output=True, text=True, timeout=120)
     return Stack(home, env, moto, proxy, meta_db, review_db, review_url)
+
+
+@contextlib.contextmanager
+def environment(stack: Stack):
+    """The stack's variables in ``os.environ`` (what a worker's environment holds), restored after."""
+    saved = dict(os.environ)
+    os.environ.update(stack.env)
+    try:
+        yield stack
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def load_dags() -> dict:

@@ -5,7 +5,7 @@ than living in conftest.py, which other engineers also edit.
 
 - ``fresh_pg_database``: a new Postgres database per test module
   (``review_test_<random>``), migrated with ``moderation.db.upgrade`` and
-  dropped afterwards. The server is ``MODERATION_TEST_PG_URL`` (default
+  dropped afterwards. The server is ``MODERATION_TEST_PG`` (default
   ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``, the maintenance
   database). No Postgres means these tests fail: they are about Postgres.
 - ``MotoServer``: ``moto_server`` from the venv as a subprocess on a free port.
@@ -37,7 +37,7 @@ from sqlalchemy import create_engine, text
 from moderation.db import (Database, FlaggedPair, IndexVersionRow, MatchRunRecord, ModelVersionRow,
                            StatsVersionRow, upgrade)
 
-PG_ADMIN_URL = os.environ.get("MODERATION_TEST_PG_URL",
+PG_ADMIN_URL = os.environ.get("MODERATION_TEST_PG",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 VENV_BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent

@@ -24,7 +24,8 @@ FIGURES: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    return h.session_stack(tmp_path_factory.mktemp("airflow"))
+    with h.environment(h.session_stack(tmp_path_factory.mktemp("airflow"))) as st:
+        yield st
 
 
 @pytest.fixture(scope="module")

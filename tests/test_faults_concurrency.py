@@ -106,3 +106,36 @@ def test_processes_with_releases_and_expired_leases(queue_db):
             "SELECT end_reason FROM review_claims WHERE moderator = 'walked-away'")))
     assert reasons == {"expired": 20}
     _check_log(queue_db, [d for o in outs for d in o["decided"]])
+
+
+def test_sqlite_embedded_default_serialises_claims(tmp_path):
+    """No SKIP LOCKED in SQLite: BEGIN IMMEDIATE makes claims take turns, with the same guarantee."""
+    from moderation.db import upgrade
+
+    url = f"sqlite:///{tmp_path / 'review.db'}"
+    db = Database(url)
+    upgrade(db)
+    seed_run(db, "day-1", [(f"q{i}", "r", 0.5) for i in range(60)])
+    results, errors = {}, []
+
+    def work(name: str) -> None:
+        own = Database(url)
+        try:
+            results[name] = moderator_loop(own, name, n=2, seed=len(name))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            own.engine.dispose()
+
+    threads = [threading.Thread(target=work, args=(f"m{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    claimed = [p for r in results.values() for p in r["claimed"]]
+    assert len(claimed) == len(set(claimed)) == 60
+    log = review.decision_log(db, limit=1000)
+    assert sorted(r["pair_id"] for r in log) == sorted(claimed)
+    assert sorted(r["decision_id"] for r in log) == sorted(d for r in results.values() for _, d in r["decided"])
+    db.engine.dispose()

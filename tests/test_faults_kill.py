@@ -4,9 +4,10 @@ The run is a real one (default model, generated images, local store, real
 Postgres) in a child process that pauses at a chosen point: half way through
 writing evidence images to the store, and inside the transaction that
 writes the flagged pairs (after the pairs are inserted, before the commit).
-(``review_support.run_child_main`` also offers ``embedding``.) The test kills it there, checks that nothing half-written is
-visible, reruns the batch and checks the result is complete, with no
-duplicates, and identical to a clean run.
+(``review_support.run_child_main`` also offers ``embedding``.) The test
+kills it there and checks that nothing half-written is visible; then it
+reruns the batch and checks that the result is complete, without
+duplicates, and exactly the candidates at or above the threshold.
 """
 
 from __future__ import annotations

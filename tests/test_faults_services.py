@@ -82,6 +82,17 @@ def test_object_store_down_then_back(s3, tmp_path, monkeypatch):
             assert all(has_evidence for *_, has_evidence in pairs)
             for row in db.pairs():
                 assert p.store.exists(row.evidence_key) and p.store.exists(row.heatmap_key)
+            # What `moderation review show ID --urls` prints: presigned URLs that open the images.
+            from urllib.request import urlopen
+
+            from moderation import review
+
+            links = review.evidence_links(p.store, review.pair_details(db, db.pairs()[0].id))
+            assert set(links) == {"evidence_url", "heatmap_url"}
+            for link in links.values():
+                assert "X-Amz-Signature=" in link
+                with urlopen(link, timeout=10) as resp:
+                    assert resp.read(2) == b"\xff\xd8"  # a JPEG
             run_matching(p, FolderSource(samples.queries), BATCH)
             assert _pairs(db) == pairs  # and again: nothing duplicated
             p.db.engine.dispose()

@@ -247,3 +247,15 @@ def test_ids_hashes_and_listing(tmp_path):
         "a.png", "b.JPG", "sub/c.webp", "sub/d.tiff"]
     with pytest.raises(NotADirectoryError, match="not a folder"):
         list_image_files(tmp_path / "a.png")
+
+
+def test_large_jpeg_decodes_at_reduced_scale_but_never_below_min_size():
+    img = Image.new("RGB", (2000, 1500), (200, 10, 10))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    small = decode_image(buf.getvalue(), min_size=320)
+    assert small.size == (500, 375)  # 1/4 DCT scale: the smallest that keeps both sides >= 320
+    r, g, b = small.getpixel((10, 10))
+    assert abs(r - 200) <= 3 and g <= 15 and b <= 15
+    assert decode_image(buf.getvalue()).size == (2000, 1500)
+    assert decode_image(buf.getvalue(), min_size=1000).size == (2000, 1500)  # 1/2 would be too small

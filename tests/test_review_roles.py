@@ -118,7 +118,7 @@ def test_pipeline_writes_runs_and_pairs_but_never_decisions(admin_db):
                 "DELETE FROM match_runs",
                 "TRUNCATE flagged_pairs CASCADE",
                 "UPDATE review_queue SET state = 'rejected'",
-                f"SELECT * FROM review_claim(1, 'p')",
+                "SELECT * FROM review_claim(1, 'p')",
                 f"SELECT review_decide({pid}, 'confirmed')",
             ):
                 assert "permission denied" in _refused(pipe, sql), sql

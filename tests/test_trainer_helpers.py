@@ -6,11 +6,22 @@ import csv
 import random
 from dataclasses import replace
 
+import pytest
+import torch
+
 from trainer.augment import Augmenter, Context
 from trainer.config import TrainConfig
 from trainer.synthetic import synthetic_image
 
 STEPS = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def keep_torch_threads():
+    """Training sets torch's thread count (config.threads); give other tests theirs back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_config(folder, out, **kw) -> TrainConfig:
@@ -19,7 +30,7 @@ def tiny_config(folder, out, **kw) -> TrainConfig:
         pretrained=True, projection_init="pca", init_views=96, freeze_stages=16, freeze_bn=True,
         preset="light", crop_size=64, views=2, batch_size=8, steps=STEPS, optimizer="adamw", lr=1e-3,
         trunk_lr_mult=0.1, warmup_steps=2, workers=0, device="cpu", out_dir=str(out),
-        checkpoint_every=8, log_every=4, progress=False, seed=7, resume=True)
+        checkpoint_every=8, log_every=4, progress=False, seed=7, resume=True, threads=1)
     return replace(base, **kw)
 
 

@@ -19,7 +19,7 @@ from trainer.data import ImagePool, TrainDataset
 from trainer.loss import SSCDLoss
 from trainer.synthetic import synthetic_image
 
-from test_trainer_helpers import STEPS, make_validation_set, tiny_config
+from test_trainer_helpers import STEPS, keep_torch_threads, make_validation_set, tiny_config  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,6 @@ def train_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(train_folder, tmp_path_factory):
-    torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("run")
     start = loop.train(tiny_config(train_folder, out / "start", steps=0))
     trained = loop.train(tiny_config(train_folder, out / "full"))

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="update BatchNorm statistics (SyncBatchNorm across GPUs); default: frozen")
     g = parser.add_argument_group("augmentation")
     g.add_argument("--preset", default=d.preset, choices=["light", "advanced", "wide"])
+    g.add_argument("--anchor-preset", default=d.anchor_preset, choices=["", "light", "advanced", "wide"],
+                   help="preset of the first view of each image (default: same as --preset)")
     g.add_argument("--crop-size", type=int, default=d.crop_size, help="training view size in px")
     g.add_argument("--views", type=int, default=d.views, help="augmented views per image (>= 2)")
     g.add_argument("--mixup", type=float, default=d.mixup, help="fraction of views mixed up")
@@ -65,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("run")
     g.add_argument("--train-workers", dest="workers", type=int, default=d.workers,
                    help="DataLoader worker processes for decoding and augmentation")
+    g.add_argument("--threads", type=int, default=d.threads,
+                   help="torch threads of the training process (0: torch's default). On a shared "
+                        "CPU, 1 thread is often much faster than oversubscribed cores")
     g.add_argument("--train-device", dest="device", default=d.device, help="auto, cpu, cuda")
     g.add_argument("--out", dest="out_dir", default=d.out_dir, help="checkpoint and log folder")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -99,8 +104,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace, settings) -> int:
     """Train and publish per ``args``; print a JSON summary (rank 0). Returns the exit code."""
-    from moderation.registry import Registry
-    from moderation.store import open_store
     from trainer import distributed as D
     from trainer.publish import train_and_publish
 
@@ -109,8 +112,7 @@ def run(args: argparse.Namespace, settings) -> int:
         config = _with(config, device=str(getattr(settings.device, "value", settings.device)))
     env = D.init_distributed(config.device)
     try:
-        registry = Registry(open_store(settings)) if config.publish and env.is_main else None
-        result = train_and_publish(config, settings, registry=registry, env=env)
+        result = train_and_publish(config, settings, env=env)
     finally:
         D.cleanup()
     if result is None:

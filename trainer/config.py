@@ -7,7 +7,7 @@ model's manifest, so a run can be reproduced from its manifest alone.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class TrainConfig:
     freeze_bn: bool = True  # BatchNorm in eval mode: small batches give noisy statistics
     # augmentation
     preset: str = "wide"  # advanced | wide | light
+    anchor_preset: str = ""  # preset of view 0 of each image ("": same as preset)
     crop_size: int = 224  # training views are crop_size x crop_size
     views: int = 2
     mixup: float = 0.0  # fraction of views mixed (mixup) with a view of another image
@@ -58,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     # run
     workers: int = 2
+    threads: int = 0  # torch intra-op threads of the training process; 0: torch's default
     device: str = "auto"
     out_dir: str = ".moderation/train"
     checkpoint_every: int = 100
@@ -73,7 +75,6 @@ class TrainConfig:
     force_promote: bool = False
     export_path: str = ""  # also write the TorchScript file here (+ .json manifest beside it)
     command: str = ""  # the command line that started the run, for the manifest
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

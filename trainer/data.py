@@ -120,12 +120,18 @@ def view_rng(seed: int, key: int, view: int) -> random.Random:
 
 
 class TrainDataset(Dataset):
-    """``dataset[key]`` -> (views (V, 3, S, S) float tensor, pool index, key)."""
+    """``dataset[key]`` -> (views (V, 3, S, S) float tensor, pool index, key).
 
-    def __init__(self, pool: ImagePool, augmenter: Augmenter, views: int = 2, seed: int = 0):
+    ``anchor`` (optional) augments view 0 instead of ``augmenter``: a
+    lightly edited anchor mimics the clean reference a copy is matched to.
+    """
+
+    def __init__(self, pool: ImagePool, augmenter: Augmenter, views: int = 2, seed: int = 0,
+                 anchor: Augmenter | None = None):
         if views < 2:
             raise ModerationError("SSCD needs at least 2 views per image (the positives)")
         self.pool, self.augmenter, self.views, self.seed = pool, augmenter, views, seed
+        self.anchor = anchor
 
     def __len__(self) -> int:
         return len(self.pool)
@@ -137,7 +143,8 @@ class TrainDataset(Dataset):
         for v in range(self.views):
             rng = view_rng(self.seed, key, v)
             ctx = Context(other=lambda rng=rng: self.pool.load(_other_index(rng, index, len(self.pool))))
-            out.append(to_tensor(self.augmenter(img, rng, ctx)))
+            aug = self.anchor if v == 0 and self.anchor is not None else self.augmenter
+            out.append(to_tensor(aug(img, rng, ctx)))
         return torch.stack(out), index, key
 
 

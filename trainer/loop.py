@@ -3,7 +3,8 @@
 ``train(config, settings, env)`` builds the model and data, initialises or
 resumes from ``OUT/checkpoint.pt``, runs ``config.steps`` optimiser steps
 (or until ``time_limit_min``), and returns the trained descriptor (unwrapped,
-on the CPU, in eval mode) with its training log. Every
+on the CPU, in eval mode, its head folded into one linear layer) with its
+training log. Every
 ``checkpoint_every`` steps it saves a checkpoint; rank 0 appends one JSON
 row per ``log_every`` steps to ``OUT/train_log.jsonl`` (step, loss, InfoNCE,
 entropy term, learning rates, images/s). "Images" in throughput figures
@@ -31,8 +32,8 @@ from trainer.checkpoint import check_compatible, load_checkpoint, save_checkpoin
 from trainer.config import TrainConfig
 from trainer.data import ImagePool, MultiViewCollate, StepBatchSampler, TrainDataset, worker_init
 from trainer.loss import SSCDLoss
-from trainer.model import (build_training_model, init_projection, param_groups, pooled_features,
-                           resolve_backbone, set_train_mode)
+from trainer.model import (build_training_model, finalise_head, init_projection, param_groups,
+                           pooled_features, resolve_backbone, set_train_mode)
 from trainer.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,9 @@ def build_data(config: TrainConfig, settings, env: D.DistEnv, start_step: int):
     """The pool, the dataset and this process's DataLoader from ``start_step`` on."""
     pool = ImagePool.build(config.images, config.images_prefix, config.generated, settings,
                            config.seed, config.max_side)
-    dataset = TrainDataset(pool, Augmenter(config.preset, config.crop_size), config.views, config.seed)
+    anchor = Augmenter(config.anchor_preset, config.crop_size) if config.anchor_preset else None
+    dataset = TrainDataset(pool, Augmenter(config.preset, config.crop_size), config.views, config.seed,
+                           anchor)
     sampler = StepBatchSampler(len(pool), config.batch_size, config.steps, start_step, config.seed,
                                env.rank, env.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.workers,
@@ -70,19 +73,15 @@ def build_data(config: TrainConfig, settings, env: D.DistEnv, start_step: int):
 
 
 def _init_features(model: SSCDModel, dataset: TrainDataset, n: int, device: torch.device,
-                   batch: int = 64) -> torch.Tensor:
-    """Pooled trunk features of ``n`` augmented views, for the PCA projection init."""
+                   workers: int = 0, batch: int = 32) -> torch.Tensor:
+    """Pooled trunk features of ``n`` augmented views (two per draw), for the PCA projection init."""
+    keys = list(range(INIT_KEY_OFFSET, INIT_KEY_OFFSET + (n + 1) // 2))
+    loader = DataLoader(dataset, sampler=keys, batch_size=max(1, batch // 2), num_workers=workers,
+                        collate_fn=MultiViewCollate(), worker_init_fn=worker_init if workers else None)
     feats = []
     model.eval()
-    keys = list(range(INIT_KEY_OFFSET, INIT_KEY_OFFSET + (n + 1) // 2))
-    loader = DataLoader(keys, batch_size=max(1, batch // 2), num_workers=0)
-    done = 0
-    for chunk in loader:
-        views = torch.cat([dataset[int(k)][0][:2] for k in chunk])
-        feats.append(pooled_features(model, views.to(device)).float().cpu())
-        done += views.shape[0]
-        if done >= n:
-            break
+    for b in loader:
+        feats.append(pooled_features(model, b.images.to(device)).float().cpu())
     return torch.cat(feats)[:n]
 
 
@@ -104,9 +103,12 @@ def train(config: TrainConfig, settings=None, env: D.DistEnv | None = None) -> T
     out = Path(config.out_dir)
     backbone = resolve_backbone(config.backbone, env.device)
     config = replace(config, backbone=backbone.value)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
 
-    model = build_training_model(backbone, config.dim, config.pretrained, config.freeze_stages)
+    model = build_training_model(backbone, config.dim, config.pretrained, config.freeze_stages,
+                                 config.projection_init)
     saved = load_checkpoint(out) if config.resume else None
     start_step = 0
     init_used = "resumed"
@@ -120,7 +122,7 @@ def train(config: TrainConfig, settings=None, env: D.DistEnv | None = None) -> T
     if saved is None and env.is_main:  # other ranks get rank 0's weights from DDP
         feats = None
         if config.projection_init == "pca":
-            feats = _init_features(model, dataset, config.init_views, env.device)
+            feats = _init_features(model, dataset, config.init_views, env.device, config.workers)
         init_used = init_projection(model, config.projection_init, feats)
     elif saved is None:
         init_used = "broadcast-from-rank-0"
@@ -178,7 +180,8 @@ def train(config: TrainConfig, settings=None, env: D.DistEnv | None = None) -> T
             now = time.perf_counter()
             row = {"step": step, "loss": window["loss"] / window["n"],
                    "infonce": window["infonce"] / window["n"], "entropy": window["entropy"] / window["n"],
-                   "lr": optimizer.param_groups[-1]["lr"], "lr_trunk": optimizer.param_groups[0]["lr"],
+                   "lr": optimizer.param_groups[-1]["lr"],
+                   "lr_trunk": optimizer.param_groups[-1]["lr"] * config.trunk_lr_mult,
                    "images_per_s": window["images"] / max(now - window["t"], 1e-9),
                    "elapsed_s": now - t_start}
             if env.is_main:
@@ -202,7 +205,7 @@ def train(config: TrainConfig, settings=None, env: D.DistEnv | None = None) -> T
         save_checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
                         config=config.to_dict(), extra=extra)
     D.barrier()
-    model = model.cpu().eval()
+    model = finalise_head(model.cpu().eval())
     return TrainResult(model, config, step, seconds, total_images / max(seconds, 1e-9), stopped_early,
                        rows, pool.counts(), init_used)
 

@@ -1,4 +1,4 @@
-"""The trainable descriptor: backbone choice, freezing, projection initialisation, parameter groups.
+"""The trainable descriptor: backbone choice, freezing, projection head, parameter groups.
 
 The network is ``moderation.descriptor.SSCDModel`` (trunk -> GeM p=3 ->
 linear projection -> L2), the very class inference exports, so a trained
@@ -9,11 +9,16 @@ millions of images does not:
 
 - *Projection initialisation.* A random projection scrambles ImageNet
   features, and the first steps then spend the small budget undoing that.
-  ``pca`` sets the projection to PCA-whitening of the trunk's pooled
-  features on augmented training views (bias = -W @ mean), which is the
-  best known linear descriptor for those features (it is what the
-  whitening post-process computes), so training starts from the starting
-  model's accuracy rather than below it.
+  ``pca`` starts the projection as PCA-whitening of the trunk's pooled
+  features on augmented training views, the best known linear descriptor
+  for those features (what the whitening post-process computes), so
+  training starts from the starting model's accuracy, not below it.
+- *A whitened head.* Trained directly, a whitening matrix is badly scaled
+  for Adam (tiny weights along the strong directions, huge along the weak
+  ones; Adam moves every weight by about the same amount). During training
+  the head is therefore ``W2 @ (P x + b0) + b2`` with the PCA-whitening
+  ``P, b0`` fixed and ``W2`` starting at the identity; ``finalise_head``
+  folds it into one ``nn.Linear`` before export.
 - *Frozen early blocks* (``freeze_stages``): low-level filters transfer
   as they are; freezing them also skips their backward pass (faster on CPU).
 - *Frozen BatchNorm statistics* (``freeze_bn``): statistics of a
@@ -45,16 +50,49 @@ def resolve_backbone(name: str, device: torch.device) -> Backbone:
                               + ", ".join(b.value for b in Backbone)) from None
 
 
+class WhitenedLinear(nn.Module):
+    """``linear(P @ x + b0)``: a fixed whitening ``P, b0`` followed by a trainable square layer."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.register_buffer("whiten", torch.zeros(out_features, in_features))
+        self.register_buffer("whiten_bias", torch.zeros(out_features))
+        self.linear = nn.Linear(out_features, out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.reset_identity()
+
+    @torch.no_grad()
+    def reset_identity(self) -> None:
+        self.linear.weight.copy_(torch.eye(self.out_features))
+        self.linear.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x @ self.whiten.t() + self.whiten_bias)
+
+    @torch.no_grad()
+    def folded(self) -> nn.Linear:
+        """The same map as one ``nn.Linear(in, out)``."""
+        out = nn.Linear(self.in_features, self.out_features)
+        w2 = self.linear.weight
+        out.weight.copy_(w2 @ self.whiten)
+        out.bias.copy_(w2 @ self.whiten_bias + self.linear.bias)
+        return out.to(self.whiten.device)
+
+
 def build_training_model(backbone: Backbone, dim: int, pretrained: bool = True,
-                         freeze_stages: int = 0) -> SSCDModel:
+                         freeze_stages: int = 0, projection_init: str = "pca") -> SSCDModel:
     """SSCDModel with a ``dim`` projection and its first ``freeze_stages`` trunk blocks frozen.
 
     Trunk blocks are the children of the trunk's Sequential: MobileNetV2's
     19 feature blocks; ResNet's conv1, bn1, relu, maxpool, layer1..layer4.
+    With ``projection_init="pca"`` the projection is a WhitenedLinear until
+    ``finalise_head``.
     """
     if dim < 1:
         raise ModerationError("a trained model needs a projection: dim must be >= 1")
     model = SSCDModel(backbone, projection_dim=dim, pretrained=pretrained)
+    if projection_init == "pca":
+        model.projection = WhitenedLinear(model.projection.in_features, dim)
     blocks = list(model.trunk.children())
     if freeze_stages > len(blocks):
         raise ModerationError(f"freeze_stages={freeze_stages} but the trunk has {len(blocks)} blocks")
@@ -62,6 +100,13 @@ def build_training_model(backbone: Backbone, dim: int, pretrained: bool = True,
         for p in block.parameters():
             p.requires_grad_(False)
     model.frozen_blocks = freeze_stages
+    return model
+
+
+def finalise_head(model: SSCDModel) -> SSCDModel:
+    """Fold a WhitenedLinear head into a plain ``nn.Linear`` (in place); returns ``model``."""
+    if isinstance(model.projection, WhitenedLinear):
+        model.projection = model.projection.folded()
     return model
 
 
@@ -77,38 +122,54 @@ def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
                 m.eval()  # running statistics fixed; the affine parameters still learn
 
 
+def pca_whitening(features: torch.Tensor, dim: int, eps_relative: float = 0.1
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(P (dim, C), b0 (dim,)) with ``P @ x + b0`` the PCA-whitened ``x``; None if degenerate.
+
+    Eigenvalues get a floor of ``eps_relative`` times their mean so
+    near-null directions are not blown up into noise.
+    """
+    if features.shape[0] <= dim:
+        return None
+    x = features.double()
+    mean = x.mean(0)
+    # SVD of the centred data: (n x C) is much cheaper than eigh of the C x C covariance when n < C.
+    _, sing, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    evals = (sing[:dim] ** 2) / (x.shape[0] - 1)
+    evecs = vt[:dim].t()  # (C, dim), descending variance
+    floor = eps_relative * evals.clamp(min=0).mean()
+    if float(floor) <= 1e-12:  # e.g. an untrained trunk in eval mode: constant features
+        return None
+    p = (evecs / torch.sqrt(evals.clamp(min=0) + floor)).t()
+    if not bool(torch.isfinite(p).all()):
+        return None
+    return p.float(), (-p @ mean).float()
+
+
 @torch.no_grad()
-def init_projection(model: SSCDModel, method: str, features: torch.Tensor | None = None,
-                    eps_relative: float = 0.1) -> str:
+def init_projection(model: SSCDModel, method: str, features: torch.Tensor | None = None) -> str:
     """Initialise ``model.projection``; returns the method actually used.
 
-    ``features`` (n, C) are pooled trunk features of training views, needed
-    for ``pca``; with fewer than ``dim + 1`` of them PCA falls back to
-    ``orthogonal``. Eigenvalues get a floor of ``eps_relative`` times their
-    mean so near-null directions are not blown up.
+    ``pca`` needs ``features`` (n > dim rows of pooled trunk features of
+    training views); without usable ones it falls back to ``orthogonal``
+    (for a WhitenedLinear: an orthogonal ``P``).
     """
     proj = model.projection
+    if method == "pca":
+        fit = pca_whitening(features, proj.out_features) if features is not None else None
+        target = proj.whiten if isinstance(proj, WhitenedLinear) else proj.weight
+        bias = proj.whiten_bias if isinstance(proj, WhitenedLinear) else proj.bias
+        if fit is not None:
+            target.copy_(fit[0])
+            bias.copy_(fit[1])
+            return "pca"
+        log.warning("no usable trunk features for the PCA projection init; using orthogonal")
+        nn.init.orthogonal_(target)
+        bias.zero_()
+        return "orthogonal"
     if not isinstance(proj, nn.Linear):
-        return "none"
-    dim, channels = proj.out_features, proj.in_features
-    if method == "pca" and features is not None and features.shape[0] > dim:
-        x = features.double()
-        mean = x.mean(0)
-        cov = (x - mean).t() @ (x - mean) / (x.shape[0] - 1)
-        evals, evecs = torch.linalg.eigh(cov)  # ascending
-        evals, evecs = evals.flip(0)[:dim], evecs.flip(1)[:, :dim]
-        floor = eps_relative * evals.clamp(min=0).mean()
-        if float(floor) > 1e-12:  # degenerate features (e.g. an untrained trunk): no PCA
-            w = (evecs / torch.sqrt(evals.clamp(min=0) + floor)).t()  # (dim, C)
-            if bool(torch.isfinite(w).all()):
-                proj.weight.copy_(w.float())
-                proj.bias.copy_((-w @ mean).float())
-                return "pca"
-        log.warning("trunk features are degenerate; orthogonal projection init instead of PCA")
-        method = "orthogonal"
-    if method in ("pca", "orthogonal"):
-        if method == "pca" and (features is None or features.shape[0] <= dim):
-            log.warning("PCA projection init needs more than %d feature rows; using orthogonal", dim)
+        raise ModerationError(f"projection init {method!r} needs a plain linear projection")
+    if method == "orthogonal":
         nn.init.orthogonal_(proj.weight)
         nn.init.zeros_(proj.bias)
         return "orthogonal"
@@ -125,7 +186,8 @@ def pooled_features(model: SSCDModel, images: torch.Tensor) -> torch.Tensor:
 
 def param_groups(model: SSCDModel, lr: float, trunk_lr_mult: float, weight_decay: float) -> list[dict]:
     """Trunk and head groups (trunk lr scaled); biases and norms without weight decay."""
-    groups = {("trunk", True): [], ("trunk", False): [], ("head", True): [], ("head", False): []}
+    groups: dict[tuple[str, bool], list] = {("trunk", True): [], ("trunk", False): [],
+                                            ("head", True): [], ("head", False): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -135,6 +197,6 @@ def param_groups(model: SSCDModel, lr: float, trunk_lr_mult: float, weight_decay
     for (part, decay), params in groups.items():
         if params:
             out.append({"params": params, "lr": lr * (trunk_lr_mult if part == "trunk" else 1.0),
-                        "weight_decay": weight_decay if decay else 0.0, "name": f"{part}{'' if decay else '-nodecay'}",
-                        "lars_exclude": not decay})
+                        "weight_decay": weight_decay if decay else 0.0,
+                        "name": f"{part}{'' if decay else '-nodecay'}", "lars_exclude": not decay})
     return out

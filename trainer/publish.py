@@ -132,13 +132,21 @@ def command_line() -> str:
 
 def train_and_publish(config: TrainConfig, settings: Settings, *, registry: Registry | None = None,
                       env: D.DistEnv | None = None) -> PublishResult | None:
-    """Train, export, evaluate, publish and (maybe) promote. Returns None on ranks other than 0."""
+    """Train, export, evaluate, publish and (maybe) promote. Returns None on ranks other than 0.
+
+    ``registry`` defaults to the one in ``settings``' object store (when
+    ``config.publish``). The DAG and both command lines call this.
+    """
     env = env or D.init_distributed(config.device)
     if not config.command:
         config = replace(config, command=command_line())
     result = train(config, settings, env)
     if not env.is_main:
         return None
+    if registry is None and config.publish:
+        from moderation.store import open_store
+
+        registry = Registry(open_store(settings))
     config = result.config
     model_bytes = export_torchscript(result.model, example_size=config.crop_size)
     scripted = load_torchscript(model_bytes)

@@ -485,7 +485,8 @@ declare
 begin
     if p_decision is null or p_decision not in ('confirmed', 'rejected', 'unsure') then
         raise exception using errcode = '22023',
-            message = 'decision must be confirmed, rejected or unsure, not ' || coalesce(quote_literal(p_decision), 'null');
+            message = 'decision must be confirmed, rejected or unsure, not '
+                      || coalesce(quote_literal(p_decision), 'null');
     end if;
     if p_note is not null and length(p_note) > 4000 then
         raise exception using errcode = '22023', message = 'note longer than 4000 characters';
