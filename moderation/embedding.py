@@ -163,6 +163,11 @@ class _Images(Dataset):
     def __getitem__(self, i: int):
         ref = self.refs[i]
         try:
+            ref.image_id.encode("utf-8")
+        except UnicodeEncodeError:
+            # Ids go into CSVs, SQL and object keys; a name that is not UTF-8 cannot.
+            return i, "", None, "bad_name", "file name is not valid UTF-8; rename the file"
+        try:
             data = self.source.read(ref.location)
         except Exception as exc:
             return i, "", None, "unreadable", f"{type(exc).__name__}: {exc}"
@@ -174,6 +179,11 @@ class _Images(Dataset):
         except Exception as exc:
             return i, sha, None, getattr(exc, "reason", "unreadable"), getattr(exc, "detail", str(exc))
         return i, sha, preprocess_uint8(img, self.size, self.mode), "", ""
+
+
+def _printable(name: str) -> str:
+    """A name that may hold undecodable bytes (surrogate escapes), made safe to log and store."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _collate(items):
@@ -233,6 +243,7 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
             for i, sha, tensor, reason, detail in batch:
                 ref = refs[i]
                 if reason:
+                    ref = ImageRef(_printable(ref.image_id), _printable(ref.location))
                     failures.append(Failure(ref.image_id, ref.location, reason, detail))
                     log.warning("skipped image %s (%s): %s %s", ref.image_id, ref.location, reason, detail)
                 elif tensor is None:

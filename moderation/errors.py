@@ -41,3 +41,7 @@ class BatchFailedError(ModerationError):
 
 class VersionMismatchError(ModerationError):
     """Artifacts of different model/statistics versions were combined."""
+
+
+class DatabaseUnavailableError(ModerationError):
+    """The review database could not be reached or dropped the connection mid-work."""

@@ -325,7 +325,10 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
         run.candidates_key = f"{run_folder}/candidates.csv"
         p.db.finish_run(run, pairs)
     except BaseException as exc:
-        p.db.fail_run(batch, f"{type(exc).__name__}: {exc}")
+        try:
+            p.db.fail_run(batch, f"{type(exc).__name__}: {exc}")
+        except Exception as mark_exc:  # the database may be what failed: keep the original error
+            log.error("could not mark batch %s as failed: %s", batch, mark_exc)
         raise
     log.info("batch %s: %d queries, %d candidates, %d flagged at threshold %.4f (%s)", batch,
              run.n_queries, run.n_candidates, len(pairs), threshold, source_name)

@@ -71,7 +71,15 @@ def flagged(candidates: list[Candidate], threshold: float) -> list[Candidate]:
 
 
 def candidates_csv(candidates: list[Candidate]) -> str:
-    """DISC21 prediction format: ``query_id,reference_id,score`` (normalised score)."""
-    lines = ["query_id,reference_id,score"]
-    lines += [f"{c.query_id},{c.reference_id},{c.score:.6f}" for c in candidates]
-    return "\n".join(lines) + "\n"
+    """DISC21 prediction format: ``query_id,reference_id,score`` (normalised score).
+
+    Ids holding a comma, quote or newline are quoted per RFC 4180.
+    """
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["query_id", "reference_id", "score"])
+    writer.writerows((c.query_id, c.reference_id, f"{c.score:.6f}") for c in candidates)
+    return buf.getvalue()

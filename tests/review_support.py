@@ -440,14 +440,14 @@ def run_child_main(argv: list[str]) -> None:
 
         p.store.put = put_then_stop
     elif where == "commit":
-        upsert = p.db._upsert_pairs
+        copy_pairs = p.db._copy_pairs  # the Postgres write path: COPY + upsert in one transaction
 
-        def upsert_then_stop(s, run_id, pairs, chunk):
-            upsert(s, run_id, pairs, 2)  # written, not committed
+        def copy_then_stop(s, run_id, pairs):
+            copy_pairs(s, run_id, pairs)  # written, not committed
             s.flush()
             reached()
 
-        p.db._upsert_pairs = upsert_then_stop
+        p.db._copy_pairs = copy_then_stop
     run_matching(p, source, batch)
     print("completed")
 

@@ -140,10 +140,6 @@ def test_database_down_then_back(pg_behind_proxy, tmp_path):
         direct.engine.dispose()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "moderation/db.py + jobs.py: a database lost mid-run surfaces as a raw sqlalchemy "
-    "OperationalError (a traceback from the CLI) raised by fail_run, masking the original "
-    "error; see docs/review.md, 'Changes needed outside the review code'"))
 def test_database_lost_mid_run_is_a_clear_moderation_error(pg_behind_proxy, tmp_path):
     from moderation.jobs import Pipeline, run_matching
 
