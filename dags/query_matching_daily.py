@@ -38,7 +38,7 @@ def query_matching_daily():
     @task(doc_md="Reads: the date parameter or the run's date. Returns the batch prefix queries/DATE/.")
     def resolve_batch(params=None, logical_date=None, dag_run=None):
         when = logical_date or getattr(dag_run, "run_after", None)
-        return orchestration.batch_prefix(common.no_retry(orchestration.batch_date, params["date"], when))
+        return common.no_retry(lambda: orchestration.batch_prefix(orchestration.batch_date(params["date"], when)))
 
     @task(doc_md="Reads: the day's query images. Writes: quality/profiles/queries/DATE.csv. Gate: decode "
                  "failure rate, image sizes, duplicates by sha256.")

@@ -48,6 +48,8 @@ from moderation import orchestration
         "generated_images": Param(1000, type="integer", minimum=0, maximum=1_000_000,
                                   description="Procedurally generated images added to the pool."),
         "crop_size": Param(224, type="integer", minimum=32, maximum=1024),
+        "projection_init": Param("pca", type="string", enum=["pca", "orthogonal", "default"],
+                                 description="Projection start: PCA of trunk features (1024 views), or random."),
         "validation_prefix": Param(orchestration.VALIDATION_PREFIX, type="string",
                                    description="Labelled validation set (references/, queries/, "
                                                "background/, ground_truth.csv); empty: none."),

@@ -16,8 +16,6 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from moderation.calibration import calibrate
 from moderation.config import Settings
 from moderation.db import Database, FlaggedPair, MatchRunRecord, connect
@@ -121,6 +119,15 @@ def _failure_summary(result: EmbeddingResult) -> dict:
             "images": [asdict(f) for f in result.failures[:1000]]}
 
 
+def _current_if_unchanged(p: Pipeline, kind: Kind, model: ModelVersion, content: str):
+    """The version in force for ``model`` if its content hash is ``content`` (a no-op rerun)."""
+    try:
+        current = p.registry.current(kind, model_version=model.version)
+    except NotFoundError:
+        return None
+    return current if current.content_sha256 == content else None
+
+
 # -- jobs ----------------------------------------------------------------------------------
 
 
@@ -139,14 +146,10 @@ def refresh_stats(p: Pipeline, source: ImageSource) -> StatsVersion:
     bg = BackgroundIndex(post.apply(result.vectors))
     stats_bytes, bg_bytes = post.to_bytes(), bg.to_bytes()
     content = sha256_hex(stats_bytes + bg_bytes)
-    try:
-        current = p.registry.current(Kind.STATS, model_version=model.version)
-        if current.content_sha256 == content:
-            log.info("background statistics unchanged: %s stays in force", current.version)
-            p.db.record_stats(current)
-            return current
-    except NotFoundError:
-        pass
+    if current := _current_if_unchanged(p, Kind.STATS, model, content):
+        log.info("background statistics unchanged: %s stays in force", current.version)
+        p.db.record_stats(current)
+        return current
     record = StatsVersion(version=new_version_id(content), model_version=model.version,
                           postprocess=post.kind.value, in_dim=post.in_dim, out_dim=post.out_dim,
                           n_background=len(result.refs), content_sha256=content,
@@ -176,15 +179,11 @@ def build_reference_index(p: Pipeline, source: ImageSource) -> IndexVersion:
     index_bytes, ids_bytes = index.serialise()
     locations = json.dumps({r.image_id: r.location for r in result.refs}, sort_keys=True).encode()
     content = sha256_hex(stats.version.encode() + p.settings.index_factory.encode()
-                         + ids_bytes + vectors.tobytes())
-    try:
-        current = p.registry.current(Kind.INDEX, model_version=model.version)
-        if current.content_sha256 == content:
-            log.info("reference set unchanged: index %s stays in force", current.version)
-            p.db.record_index(current)
-            return current
-    except NotFoundError:
-        pass
+                         + ids_bytes + locations + vectors.tobytes())
+    if current := _current_if_unchanged(p, Kind.INDEX, model, content):
+        log.info("reference set unchanged: index %s stays in force", current.version)
+        p.db.record_index(current)
+        return current
     record = IndexVersion(version=new_version_id(content), model_version=model.version,
                           stats_version=stats.version, count=len(index), dim=index.dim,
                           factory=p.settings.index_factory, content_sha256=content,
@@ -370,6 +369,3 @@ def embed_shard(p: Pipeline, source: ImageSource, what: str = "shard") -> dict:
     return {"model_version": model.version, "embedded": len(result.refs), "cached": result.cached,
             "failed": len(result.failures)}
 
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))

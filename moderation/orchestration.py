@@ -487,7 +487,7 @@ TRAIN_PARAM_DEFAULTS: dict[str, Any] = {
     "backbone": "auto", "epochs": 1.0, "max_steps": 0, "batch_size": 32, "learning_rate": 1e-3,
     "entropy_weight": 10.0, "augmentation": "wide", "images_prefix": TRAINING_PREFIX,
     "validation_prefix": VALIDATION_PREFIX, "generated_images": 1000, "crop_size": 224,
-    "promote": True, "force_promote": False,
+    "projection_init": "pca", "promote": True, "force_promote": False,
 }
 
 
@@ -508,6 +508,7 @@ def plan_training(settings: Settings, params: Mapping[str, Any], *, run_id: str 
     config = TrainConfig(
         images_prefix=(prefix,) if n_images else (), generated=int(prm["generated_images"]),
         backbone=str(prm["backbone"]), preset=str(prm["augmentation"]), crop_size=int(prm["crop_size"]),
+        projection_init=str(prm["projection_init"]),
         entropy_weight=float(prm["entropy_weight"]), batch_size=int(prm["batch_size"]), steps=steps,
         lr=float(prm["learning_rate"]), warmup_steps=min(50, max(0, steps // 10)),
         workers=settings.workers, progress=False, publish=True,

@@ -451,3 +451,18 @@ def clear_queue() -> None:
 
     with create_session() as s:
         s.query(AssetDagRunQueue).delete()
+
+
+def task_seconds(dag_id: str, run_id: str) -> float:
+    """Seconds spent inside the tasks of a run (all tries; dag.test() runs them one at a time)."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.taskinstancehistory import TaskInstanceHistory
+    from airflow.utils.session import create_session
+
+    with create_session() as s:
+        total = 0.0
+        for model in (TaskInstance, TaskInstanceHistory):
+            for ti in s.query(model).filter(model.dag_id == dag_id, model.run_id == run_id).all():
+                if ti.start_date and ti.end_date:
+                    total += (ti.end_date - ti.start_date).total_seconds()
+        return total

@@ -147,7 +147,8 @@ def test_retrain_promotion_rebuilds_before_matching(stack, dags, pipeline, data)
         pytest.skip("needs the chain from test_stats_index_matching_retry_and_rerun")
     h.clear_queue()
     conf = {"backbone": "mobilenet_v2", "epochs": 1, "max_steps": 2, "batch_size": 4,
-            "generated_images": 8, "crop_size": 64, "images_prefix": "references/",
+            "generated_images": 8, "crop_size": 64, "projection_init": "orthogonal",
+            "images_prefix": "references/",
             "validation_prefix": "", "promote": True, "force_promote": True}
     t0 = time.perf_counter()
     dr, states, secs = h.run_dag(dags["sscd_retrain"], conf=conf)

@@ -104,10 +104,28 @@ def build_training_model(backbone: Backbone, dim: int, pretrained: bool = True,
 
 
 def finalise_head(model: SSCDModel) -> SSCDModel:
-    """Fold a WhitenedLinear head into a plain ``nn.Linear`` (in place); returns ``model``."""
+    """Make ``model`` the plain inference network again (in place); returns it.
+
+    Folds a WhitenedLinear head into one ``nn.Linear`` and turns
+    SyncBatchNorm layers (multi-GPU training) back into BatchNorm2d, which
+    TorchScript exports and which needs no process group.
+    """
     if isinstance(model.projection, WhitenedLinear):
         model.projection = model.projection.folded()
+    _revert_sync_batchnorm(model)
     return model
+
+
+def _revert_sync_batchnorm(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.SyncBatchNorm):
+            bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                child.track_running_stats)
+            bn.load_state_dict(child.state_dict())
+            bn.train(child.training)
+            setattr(module, name, bn)
+        else:
+            _revert_sync_batchnorm(child)
 
 
 def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
