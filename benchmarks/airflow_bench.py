@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,8 +194,9 @@ def main(argv=None) -> int:
         stack.stop()
         for db in [*created, stack.meta_db, stack.review_db]:
             h.drop_database(db)
-    report = {"rows": rows, "runs": runs, "repeat": args.repeat, "images": {"references": args.refs, "background": args.background,
-                                       "queries": args.copies + args.distractors},
+    report = {"rows": rows, "runs": runs, "repeat": args.repeat,
+              "images": {"references": args.refs, "background": args.background,
+                         "queries": args.copies + args.distractors},
               "image_size": int(stack.env["MODERATION_IMAGE_SIZE"]), "cpus": os.cpu_count(),
               "python": platform.python_version(), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -211,7 +211,8 @@ def main(argv=None) -> int:
     total = {k: sum(r[k] for r in rows) for k in ("airflow_s", "direct_s", "overhead_s", "outside_tasks_s")}
     print(f"| total | | {total['airflow_s']:.1f} | {total['direct_s']:.1f} | {total['overhead_s']:.1f} | "
           f"{total['outside_tasks_s']:.1f} | | |")
-    print(f"\nfastest of {args.repeat} runs per path; {report['images']} at {report['image_size']} px, {report['cpus']} CPUs; json: {args.out}")
+    print(f"\nfastest of {args.repeat} runs per path; {report['images']} at {report['image_size']} px, "
+          f"{report['cpus']} CPUs; json: {args.out}")
     return 0
 
 

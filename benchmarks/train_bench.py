@@ -94,7 +94,8 @@ def table(results: dict) -> str:
 
     if "pdq" in results:
         p = results["pdq"]
-        lines.append(f"| PDQ (256-bit, Hamming) | {f(p['uap'])} | – | {f(p['rp90'])} | – | {f(p['recall_at_1'])} |")
+        lines.append(f"| PDQ (256-bit, Hamming) | {f(p['uap'])} | – | {f(p['rp90'])} | – "
+                     f"| {f(p['recall_at_1'])} |")
     for key, label in (("start", "starting model: ImageNet MobileNetV2 + GeM, 1280-d"),
                        ("trained", "trained (CPU, ≤30 min), 512-d")):
         if key in results:

@@ -77,7 +77,7 @@ def test_sampler_splits_global_batches_and_resumes():
     assert resumed == full[3:]
     r0 = list(StepBatchSampler(10, 4, total_steps=7, seed=3, rank=0, world_size=2))
     r1 = list(StepBatchSampler(10, 4, total_steps=7, seed=3, rank=1, world_size=2))
-    assert [a + b for a, b in zip(r0, r1)] == full
+    assert [a + b for a, b in zip(r0, r1, strict=True)] == full
     with pytest.raises(ModerationError):
         StepBatchSampler(10, 3, 5, world_size=2)
     with pytest.raises(ModerationError):

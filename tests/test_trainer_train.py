@@ -8,6 +8,7 @@ packaged offline wheel. Early trunk blocks are frozen to keep the run to seconds
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -140,3 +141,16 @@ def test_promotion_rule():
     assert not beats_incumbent({"uap_sn": 0.6}, {"uap_sn": 0.6})
     assert beats_incumbent({"uap_sn": 0.1}, {})
     assert not beats_incumbent({}, {"uap_sn": 0.1})
+
+
+def test_other_code_paths_run(train_folder, tmp_path):
+    """Repeated augmentation (3 views), mixup + cutmix, the advanced preset with a light anchor,
+    LARS, bf16 autocast (the GPU precision, here on the CPU), a DataLoader worker, a time limit."""
+    cfg = tiny_config(train_folder, tmp_path / "other", steps=3, views=3, mixup=0.3, cutmix=0.3,
+                      preset="advanced", anchor_preset="light", optimizer="lars", lr=0.1,
+                      precision="bf16", workers=1, projection_init="orthogonal", time_limit_min=5)
+    result = loop.train(cfg)
+    assert result.steps_done == 3 and not result.stopped_early
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.log_rows)
+    stopped = loop.train(replace(cfg, out_dir=str(tmp_path / "limited"), steps=50, time_limit_min=1e-6))
+    assert stopped.stopped_early and stopped.steps_done == 1

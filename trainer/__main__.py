@@ -1,4 +1,4 @@
-"""``python -m trainer`` / ``torchrun --nproc-per-node N -m trainer``: same options as ``moderation train``."""
+"""``python -m trainer`` / ``torchrun --nproc-per-node N -m trainer``, options as ``moderation train``."""
 
 import sys
 

@@ -120,7 +120,8 @@ def run(args: argparse.Namespace, settings) -> int:
     summary = {
         "version": result.record.version if result.record else None,
         "promoted": result.promoted, "metrics": _short(result.metrics),
-        "incumbent": _short(result.incumbent), "threshold": result.record.threshold if result.record else None,
+        "incumbent": _short(result.incumbent),
+        "threshold": result.record.threshold if result.record else None,
         "steps": result.train.steps_done, "images_per_s": round(result.train.images_per_s, 2),
         "export": result.export_path,
     }

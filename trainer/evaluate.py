@@ -40,7 +40,8 @@ class ValidationSet:
         """The bench-dev layout under ``root``; raises ModerationError naming what is missing."""
         root = Path(root)
         vs = cls(root / "references", root / "queries", root / "background", root / "ground_truth.csv")
-        missing = [str(p) for p in (vs.references, vs.queries, vs.background, vs.ground_truth) if not p.exists()]
+        paths = (vs.references, vs.queries, vs.background, vs.ground_truth)
+        missing = [str(p) for p in paths if not p.exists()]
         if missing:
             raise ModerationError(f"validation set {root} lacks {', '.join(missing)}")
         return vs
@@ -54,24 +55,23 @@ class EvalResult:
     candidates: list[Candidate]
     ground_truth: dict[str, str | None]
 
-    def summary(self) -> dict[str, Any]:
-        return dict(self.metrics)
-
 
 def evaluate_detailed(model_module, validation: ValidationSet, settings: Settings, *,
                       image_size: int | None = None, resize_mode: ResizeMode | str | None = None,
                       device=None) -> EvalResult:
     """Embed, whiten on background, search, calibrate. See the module doc."""
-    settings = replace(settings, progress=False) if not settings.progress else settings
     if image_size:
         settings = replace(settings, image_size=int(image_size))
     if resize_mode:
         settings = replace(settings, resize_mode=ResizeMode(resize_mode))
     gt = read_ground_truth(validation.ground_truth)
-    refs = embed(model_module, FolderSource(validation.references), settings, device=device, desc="references")
-    queries = embed(model_module, FolderSource(validation.queries), settings, device=device, desc="queries")
-    background = embed(model_module, FolderSource(validation.background), settings, device=device,
-                       desc="background")
+
+    def run(folder: Path, what: str):
+        return embed(model_module, FolderSource(folder), settings, device=device, desc=what)
+
+    refs = run(validation.references, "references")
+    queries = run(validation.queries, "queries")
+    background = run(validation.background, "background")
     if len(refs.refs) == 0 or len(queries.refs) == 0:
         raise ModerationError("the validation set has no decodable references or queries")
     post = fit_postprocessor(background.vectors, Postprocess.WHITEN, settings.whiten_dim)

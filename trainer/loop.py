@@ -150,7 +150,7 @@ def train(config: TrainConfig, settings=None, env: D.DistEnv | None = None) -> T
         bar = tqdm(total=config.steps, initial=start_step, desc="training", unit="step",
                    file=sys.stderr, dynamic_ncols=True)
     step = start_step
-    window = {"loss": 0.0, "infonce": 0.0, "entropy": 0.0, "n": 0, "images": 0, "t": time.perf_counter()}
+    window = _LogWindow()
     total_images, t_loop = 0, time.perf_counter()
     stopped_early = False
     extra = {"projection_init": init_used, "backbone": backbone.value}
@@ -159,9 +159,9 @@ def train(config: TrainConfig, settings=None, env: D.DistEnv | None = None) -> T
         images = batch.images.to(env.device, non_blocking=True)
         with _autocast(config, env.device):
             z_local = net(images)
+        # The loss sees every process's embeddings: cross-process negatives.
         z = D.gather_with_grad(z_local.float())
-        instances = D.gather(batch.instances.to(env.device))
-        parts = criterion(z, instances)
+        parts = criterion(z, D.gather(batch.instances.to(env.device)))
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         if config.clip_grad > 0:
@@ -171,27 +171,17 @@ def train(config: TrainConfig, settings=None, env: D.DistEnv | None = None) -> T
         step += 1
         n_images = images.shape[0] * env.world_size
         total_images += n_images
-        window["loss"] += float(parts.total.detach())
-        window["infonce"] += float(parts.infonce.detach())
-        window["entropy"] += float(parts.entropy.detach())
-        window["n"] += 1
-        window["images"] += n_images
+        window.add(parts, n_images)
         if step % config.log_every == 0 or step == config.steps:
-            now = time.perf_counter()
-            row = {"step": step, "loss": window["loss"] / window["n"],
-                   "infonce": window["infonce"] / window["n"], "entropy": window["entropy"] / window["n"],
-                   "lr": optimizer.param_groups[-1]["lr"],
-                   "lr_trunk": optimizer.param_groups[-1]["lr"] * config.trunk_lr_mult,
-                   "images_per_s": window["images"] / max(now - window["t"], 1e-9),
-                   "elapsed_s": now - t_start}
+            row = window.row(step, optimizer.param_groups[-1]["lr"], config.trunk_lr_mult, t_start)
             if env.is_main:
                 rows.append(row)
                 _append_log(out, row)
-            window = {"loss": 0.0, "infonce": 0.0, "entropy": 0.0, "n": 0, "images": 0, "t": now}
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", ent=f"{row['entropy']:.3f}",
+                                img_s=f"{row['images_per_s']:.1f}")
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(parts.total.detach()):.3f}", ent=f"{float(parts.entropy.detach()):.3f}",
-                            img_s=f"{total_images / max(time.perf_counter() - t_loop, 1e-9):.1f}")
         if step % config.checkpoint_every == 0 and step < config.steps and env.is_main:
             save_checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
                             config=config.to_dict(), extra=extra)
@@ -208,6 +198,34 @@ def train(config: TrainConfig, settings=None, env: D.DistEnv | None = None) -> T
     model = finalise_head(model.cpu().eval())
     return TrainResult(model, config, step, seconds, total_images / max(seconds, 1e-9), stopped_early,
                        rows, pool.counts(), init_used)
+
+
+class _LogWindow:
+    """Loss terms and image counts since the last log row (summed on the device: no sync per step)."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor | float] = {"loss": 0.0, "infonce": 0.0, "entropy": 0.0}
+        self.steps, self.images, self.t = 0, 0, time.perf_counter()
+
+    def add(self, parts, n_images: int) -> None:
+        self.sums["loss"] = self.sums["loss"] + parts.total.detach()
+        self.sums["infonce"] = self.sums["infonce"] + parts.infonce.detach()
+        self.sums["entropy"] = self.sums["entropy"] + parts.entropy.detach()
+        self.steps += 1
+        self.images += n_images
+
+    def row(self, step: int, lr: float, trunk_lr_mult: float, t_start: float) -> dict[str, Any]:
+        """The log row for the window, then start a new window."""
+        now = time.perf_counter()
+        n = max(self.steps, 1)
+        row = {"step": step, **{k: float(v) / n for k, v in self.sums.items()},
+               "lr": lr, "lr_trunk": lr * trunk_lr_mult,
+               "images_per_s": self.images / max(now - self.t, 1e-9), "elapsed_s": now - t_start}
+        self._reset()
+        return row
 
 
 def _over_time(t_start: float, limit_min: float, device: torch.device) -> bool:
