@@ -57,9 +57,6 @@ def _calls(tree: ast.AST, module: str, func: str):
             yield node
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trainer/checkpoint.py:44 loads checkpoints with weights_only=False; weights_only=True loads "
-    "them fine (checked for adamw, sgd and lars checkpoints): change it and drop this marker"))
 def test_torch_load_only_with_weights_only_and_no_pickle():
     offenders = []
     for folder in ("moderation", "trainer", "dags", "benchmarks"):

@@ -41,7 +41,7 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModerationError(f"checkpoint {path} is unreadable ({exc}); delete it to start afresh") from None
 
