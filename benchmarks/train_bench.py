@@ -39,11 +39,11 @@ DEFAULT_BENCH = REPO.parent / "shared" / "bench-dev"
 RECIPE = [
     "--images", "BENCH/background", "--generated", "1000", "--max-side", "256",
     "--backbone", "mobilenet_v2", "--dim", "512", "--projection-init", "pca", "--init-views", "1024",
-    "--freeze-stages", "14", "--preset", "wide", "--crop-size", "160", "--views", "2",
-    "--batch-size", "32", "--steps", "400", "--optimizer", "adamw", "--lr", "1e-3",
-    "--trunk-lr-mult", "0.1", "--warmup-steps", "20", "--temperature", "0.05",
-    "--entropy-weight", "10", "--seed", "0", "--threads", "1", "--train-workers", "2",
-    "--eval-size", "224", "--eval-resize-mode", "square",
+    "--freeze-stages", "10", "--preset", "wide", "--anchor-preset", "light", "--crop-size", "160",
+    "--views", "2", "--batch-size", "32", "--steps", "800", "--optimizer", "adamw", "--lr", "6e-4",
+    "--trunk-lr-mult", "0.3", "--weight-decay", "1e-6", "--warmup-steps", "20",
+    "--temperature", "0.05", "--entropy-weight", "10", "--seed", "0", "--threads", "1",
+    "--train-workers", "2", "--eval-size", "224", "--eval-resize-mode", "square",
 ]
 
 

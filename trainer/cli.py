@@ -39,13 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--init-views", type=int, default=d.init_views,
                    help="augmented views used to fit the PCA projection init (default %(default)s)")
     g.add_argument("--freeze-stages", type=int, default=d.freeze_stages,
-                   help="leading trunk blocks kept frozen (default %(default)s)")
+                   help="leading trunk blocks kept frozen (default: 10 for mobilenet_v2, 0 for ResNets)")
     g.add_argument("--train-bn", dest="freeze_bn", action="store_false",
                    help="update BatchNorm statistics (SyncBatchNorm across GPUs); default: frozen")
     g = parser.add_argument_group("augmentation")
     g.add_argument("--preset", default=d.preset, choices=["light", "advanced", "wide"])
-    g.add_argument("--anchor-preset", default=d.anchor_preset, choices=["", "light", "advanced", "wide"],
-                   help="preset of the first view of each image (default: same as --preset)")
+    g.add_argument("--anchor-preset", default=d.anchor_preset, choices=["same", "light", "advanced", "wide"],
+                   help="preset of the first view of each image, the 'reference' side of a pair "
+                        "(default %(default)s; same: as --preset, SSCD's symmetric views)")
     g.add_argument("--crop-size", type=int, default=d.crop_size, help="training view size in px")
     g.add_argument("--views", type=int, default=d.views, help="augmented views per image (>= 2)")
     g.add_argument("--mixup", type=float, default=d.mixup, help="fraction of views mixed up")

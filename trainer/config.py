@@ -34,11 +34,11 @@ class TrainConfig:
     pretrained: bool = True
     projection_init: str = "pca"  # pca | orthogonal | default
     init_views: int = 1024  # augmented views whose trunk features fit the PCA projection init
-    freeze_stages: int = 0  # leading trunk blocks kept frozen (see trainer.model)
+    freeze_stages: int = -1  # leading trunk blocks kept frozen; -1: per backbone (trainer.model)
     freeze_bn: bool = True  # BatchNorm in eval mode: small batches give noisy statistics
     # augmentation
     preset: str = "wide"  # advanced | wide | light
-    anchor_preset: str = ""  # preset of view 0 of each image ("": same as preset)
+    anchor_preset: str = "light"  # preset of view 0 of each image ("same" or "": as preset)
     crop_size: int = 224  # training views are crop_size x crop_size
     views: int = 2
     mixup: float = 0.0  # fraction of views mixed (mixup) with a view of another image
@@ -50,8 +50,8 @@ class TrainConfig:
     batch_size: int = 32
     steps: int = 1000
     optimizer: str = "adamw"  # adamw | sgd | lars
-    lr: float = 1e-3  # projection (head) learning rate
-    trunk_lr_mult: float = 0.1  # trunk learning rate = lr * trunk_lr_mult
+    lr: float = 6e-4  # projection (head) learning rate
+    trunk_lr_mult: float = 0.3  # trunk learning rate = lr * trunk_lr_mult
     weight_decay: float = 1e-6
     warmup_steps: int = 50
     clip_grad: float = 1.0  # max gradient norm; 0 disables clipping

@@ -32,8 +32,8 @@ from trainer.checkpoint import check_compatible, load_checkpoint, save_checkpoin
 from trainer.config import TrainConfig
 from trainer.data import ImagePool, MultiViewCollate, StepBatchSampler, TrainDataset, worker_init
 from trainer.loss import SSCDLoss
-from trainer.model import (build_training_model, finalise_head, init_projection, param_groups,
-                           pooled_features, resolve_backbone, set_train_mode)
+from trainer.model import (build_training_model, finalise_head, frozen_blocks_for, init_projection,
+                           param_groups, pooled_features, resolve_backbone, set_train_mode)
 from trainer.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ def build_data(config: TrainConfig, settings, env: D.DistEnv, start_step: int):
     """The pool, the dataset and this process's DataLoader from ``start_step`` on."""
     pool = ImagePool.build(config.images, config.images_prefix, config.generated, settings,
                            config.seed, config.max_side)
-    anchor = Augmenter(config.anchor_preset, config.crop_size) if config.anchor_preset else None
+    symmetric = config.anchor_preset in ("", "same")
+    anchor = None if symmetric else Augmenter(config.anchor_preset, config.crop_size)
     dataset = TrainDataset(pool, Augmenter(config.preset, config.crop_size), config.views, config.seed,
                            anchor)
     sampler = StepBatchSampler(len(pool), config.batch_size, config.steps, start_step, config.seed,
@@ -102,7 +103,8 @@ def train(config: TrainConfig, settings=None, env: D.DistEnv | None = None) -> T
     env = env or D.init_distributed(config.device)
     out = Path(config.out_dir)
     backbone = resolve_backbone(config.backbone, env.device)
-    config = replace(config, backbone=backbone.value)
+    config = replace(config, backbone=backbone.value,
+                     freeze_stages=frozen_blocks_for(backbone, config.freeze_stages))
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)

@@ -79,18 +79,36 @@ class WhitenedLinear(nn.Module):
         return out.to(self.whiten.device)
 
 
+DEFAULT_FROZEN_BLOCKS = {
+    # A CPU fine-tune of MobileNetV2: blocks 0-9 (stem to the 1/16-resolution stage) keep their
+    # ImageNet filters; training them too bought nothing on bench-dev and costs backward time.
+    Backbone.MOBILENET_V2: 10,
+    # ResNets train on GPUs with enough data to adapt every block, as in SSCD.
+    Backbone.RESNET50: 0,
+    Backbone.RESNEXT101: 0,
+}
+
+
+def frozen_blocks_for(backbone: Backbone, freeze_stages: int) -> int:
+    """``freeze_stages``, or the backbone's default when it is negative."""
+    return DEFAULT_FROZEN_BLOCKS[Backbone(backbone)] if freeze_stages < 0 else freeze_stages
+
+
 def build_training_model(backbone: Backbone, dim: int, pretrained: bool = True,
                          freeze_stages: int = 0, projection_init: str = "pca") -> SSCDModel:
     """SSCDModel with a ``dim`` projection and its first ``freeze_stages`` trunk blocks frozen.
 
     Trunk blocks are the children of the trunk's Sequential: MobileNetV2's
     19 feature blocks; ResNet's conv1, bn1, relu, maxpool, layer1..layer4.
+    A negative ``freeze_stages`` means the backbone's default
+    (``DEFAULT_FROZEN_BLOCKS``).
     With ``projection_init="pca"`` the projection is a WhitenedLinear until
     ``finalise_head``.
     """
     if dim < 1:
         raise ModerationError("a trained model needs a projection: dim must be >= 1")
     model = SSCDModel(backbone, projection_dim=dim, pretrained=pretrained)
+    freeze_stages = frozen_blocks_for(backbone, freeze_stages)
     if projection_init == "pca":
         model.projection = WhitenedLinear(model.projection.in_features, dim)
     blocks = list(model.trunk.children())

@@ -86,8 +86,8 @@ def pr_curve_png(result: EvalResult, title: str = "precision-recall") -> bytes:
     return buf.getvalue()
 
 
-def incumbent_model(registry: Registry | None, settings: Settings):
-    """(description, TorchScript-or-module, image_size, resize_mode) of the model in force.
+def incumbent_model(registry: Registry | None, settings: Settings, device="cpu"):
+    """(description, TorchScript-or-module on ``device``, image_size, resize_mode) of the model in force.
 
     The registry's current model; else the packaged default file; else the
     ImageNet starting model (trunk + GeM, no projection). None if even that
@@ -96,19 +96,19 @@ def incumbent_model(registry: Registry | None, settings: Settings):
     if registry is not None:
         try:
             rec = registry.current(Kind.MODEL)
-            module = load_torchscript(registry.load(Kind.MODEL, rec, "model.pt"))
+            module = load_torchscript(registry.load(Kind.MODEL, rec, "model.pt"), device)
             return f"registry:{rec.version}", module, rec.image_size, rec.resize_mode
         except NotFoundError:
             pass
     if PACKAGED_DEFAULT.exists():
         manifest = json.loads(PACKAGED_DEFAULT.with_suffix(".json").read_text())
-        return ("shipped-default", load_torchscript(PACKAGED_DEFAULT), manifest["image_size"],
+        return ("shipped-default", load_torchscript(PACKAGED_DEFAULT, device), manifest["image_size"],
                 manifest["resize_mode"])
     try:
         from moderation.descriptor import build_model
 
-        return ("imagenet-default", build_model("mobilenet_v2", projection_dim=0, pretrained=True),
-                settings.image_size, settings.resize_mode)
+        model = build_model("mobilenet_v2", projection_dim=0, pretrained=True).to(device).eval()
+        return "imagenet-default", model, settings.image_size, settings.resize_mode
     except Exception as exc:  # no offline weights: nothing to compare against
         log.warning("no incumbent model to compare with: %s", exc)
         return None
@@ -117,12 +117,15 @@ def incumbent_model(registry: Registry | None, settings: Settings):
 def beats_incumbent(metrics: dict[str, Any], incumbent: dict[str, Any]) -> bool:
     """Whether the new model is better: higher μAP with SN on the same validation set.
 
-    No metrics (no validation set): not better. No incumbent: better.
+    No metrics (no validation set): not better. No incumbent: better. An
+    incumbent that could not be evaluated: not better (promote by hand).
     """
     if not metrics:
         return False
     if not incumbent:
         return True
+    if "uap_sn" not in incumbent:
+        return False
     return float(metrics["uap_sn"]) > float(incumbent["uap_sn"])
 
 
@@ -149,7 +152,7 @@ def train_and_publish(config: TrainConfig, settings: Settings, *, registry: Regi
         registry = Registry(open_store(settings))
     config = result.config
     model_bytes = export_torchscript(result.model, example_size=config.crop_size)
-    scripted = load_torchscript(model_bytes)
+    scripted = load_torchscript(model_bytes, env.device)
     image_size = config.eval_size or settings.image_size
     resize_mode = ResizeMode(config.eval_resize_mode or settings.resize_mode).value
     metrics: dict[str, Any] = {}
@@ -157,14 +160,11 @@ def train_and_publish(config: TrainConfig, settings: Settings, *, registry: Regi
     png = b""
     if config.val_dir:
         vs = ValidationSet.from_dir(config.val_dir)
-        evaluation = evaluate_detailed(scripted, vs, settings, image_size=image_size, resize_mode=resize_mode)
+        evaluation = evaluate_detailed(scripted, vs, settings, image_size=image_size,
+                                       resize_mode=resize_mode, device=env.device)
         metrics = dict(evaluation.metrics, validation_set=str(config.val_dir))
         png = pr_curve_png(evaluation, f"{result.config.backbone} {config.dim}-d, {config.val_dir}")
-        found = incumbent_model(registry, settings)
-        if found is not None:
-            name, module, inc_size, inc_mode = found
-            inc_eval = evaluate_detailed(module, vs, settings, image_size=inc_size, resize_mode=inc_mode)
-            incumbent = dict(inc_eval.metrics, model=name)
+        incumbent = _evaluate_incumbent(registry, settings, vs, env.device)
     beats = beats_incumbent(metrics, incumbent)
     promote = config.force_promote or beats
     record = ModelVersion(
@@ -184,6 +184,20 @@ def train_and_publish(config: TrainConfig, settings: Settings, *, registry: Regi
         export_path = write_export(Path(config.export_path), record, files)
     return PublishResult(stored or record, promote and stored is not None, metrics, incumbent, result,
                          export_path)
+
+
+def _evaluate_incumbent(registry, settings: Settings, vs: ValidationSet, device) -> dict[str, Any]:
+    """Metrics of the model in force on ``vs`` ({} if there is none; "error" if it fails to run)."""
+    found = incumbent_model(registry, settings, device)
+    if found is None:
+        return {}
+    name, module, size, mode = found
+    try:
+        return dict(evaluate_detailed(module, vs, settings, image_size=size, resize_mode=mode,
+                                      device=device).metrics, model=name)
+    except Exception as exc:  # a broken incumbent must not lose the new model
+        log.warning("could not evaluate the model in force (%s): %s", name, exc)
+        return {"model": name, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def write_export(path: Path, record: ModelVersion, files: dict[str, bytes]) -> str:
