@@ -29,7 +29,7 @@ import io
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
@@ -247,7 +247,6 @@ class Preset:
     crop_scale: tuple[float, float]
     ops: tuple[tuple[Op, float], ...]
     shuffle: bool = False
-    needs_other: bool = field(default=False)
 
 
 PRESETS: dict[str, Preset] = {
@@ -255,13 +254,13 @@ PRESETS: dict[str, Preset] = {
     "advanced": Preset((0.08, 1.0), (
         (hflip, 0.5), (rotate90, 0.25), (colour_jitter, 0.8), (grayscale, 0.2), (blur, 0.3),
         (jpeg, 0.3), (text, 0.2), (emoji_or_image, 0.2),
-    ), needs_other=True),
+    )),
     "wide": Preset((0.25, 1.0), (
         (hflip, 0.5), (vflip, 0.05), (rotate90, 0.1), (rotate_small, 0.2), (pad, 0.15),
         (perspective, 0.12), (colour_jitter, 0.7), (grayscale, 0.2), (opacity, 0.12),
         (text, 0.2), (emoji, 0.25), (stripes, 0.12), (image_overlay, 0.1), (paste_into_other, 0.15),
         (blur, 0.2), (pixelate, 0.1), (downscale, 0.15), (jpeg, 0.3),
-    ), shuffle=True, needs_other=True),
+    ), shuffle=True),
 }
 
 

@@ -130,7 +130,11 @@ def beats_incumbent(metrics: dict[str, Any], incumbent: dict[str, Any]) -> bool:
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in sys.argv)
+    """This process's command line, with ``python -m trainer`` for the module entry point."""
+    argv = list(sys.argv)
+    if argv and argv[0].replace("\\", "/").endswith("trainer/__main__.py"):
+        argv[0:1] = ["python", "-m", "trainer"]
+    return " ".join(shlex.quote(a) for a in argv)
 
 
 def train_and_publish(config: TrainConfig, settings: Settings, *, registry: Registry | None = None,
