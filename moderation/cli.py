@@ -202,7 +202,9 @@ def cmd_demo(args, settings):
 def cmd_train(args, settings):
     from trainer import cli as trainer_cli
 
-    trainer_cli.run(args, settings)
+    code = trainer_cli.run(args, settings)
+    if code:
+        raise SystemExit(code)
 
 
 def _usage(msg: str) -> SystemExit:
