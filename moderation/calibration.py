@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from moderation.errors import ModerationError
+from moderation.fusion import Combiner
 from moderation.matching import Candidate
 from moderation.metrics import Metrics, evaluate
 
@@ -55,3 +56,38 @@ def _raw(c: Candidate):
     from moderation.metrics import Prediction
 
     return Prediction(c.query_id, c.reference_id, c.raw_score)
+
+
+@dataclass(frozen=True)
+class FusedCalibration:
+    """A fitted score combiner and the thresholds chosen on its fused scores."""
+
+    combiner: Combiner
+    threshold: float  # target precision (0.90): the review queue
+    reached: bool
+    high_threshold: float | None  # high precision (0.99): automatic action; None if never reached
+    high_precision: float
+    metrics: dict
+
+
+def calibrate_fused(candidates: list[Candidate], gt: Mapping[str, str | None], *, k: int = 10,
+                    target_precision: float = 0.9, high_precision: float = 0.99) -> FusedCalibration:
+    """Fit the combiner on every two-stage candidate of a labelled set, then choose its thresholds.
+
+    ``candidates`` come from :func:`moderation.two_stage.match_queries` with
+    ``keep_all``; the combiner sees all of them, the thresholds and metrics
+    the top ``k`` per query after re-scoring, as matching will produce them.
+    Raises ModerationError if the set has no positive query or no positive pair.
+    """
+    from moderation.fusion import fit_combiner
+    from moderation.two_stage import pair_matrix, rescore
+
+    labels = [gt.get(c.query_id) is not None and gt.get(c.query_id) == c.reference_id for c in candidates]
+    combiner = fit_combiner(pair_matrix(candidates), labels)
+    final = rescore(candidates, combiner, k)
+    res = calibrate(final, gt, target_precision)
+    high = evaluate([c.prediction() for c in final], gt, high_precision)
+    metrics = {**res.metrics, "threshold": res.threshold, "high_threshold": high.rp90_threshold,
+               f"recall_at_{round(high_precision * 100)}": high.rp90,
+               "combiner_fit": combiner.info}
+    return FusedCalibration(combiner, res.threshold, res.reached, high.rp90_threshold, high_precision, metrics)

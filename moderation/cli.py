@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ground-truth", metavar="CSV", help="query_id,reference_id (empty reference: no copy)")
     p.add_argument("--precision", type=float, default=0.9, help="target precision (default 0.9)")
     p.add_argument("--dry-run", action="store_true", help="print metrics, store nothing")
+    p.add_argument("--no-verify", action="store_true",
+                   help="calibrate the global stage only (MODERATION_VERIFY=false)")
     p.add_argument("--from-decisions", action="store_true",
                    help="estimate precision from moderators' decisions instead of a labelled set")
     p.add_argument("--store", action="store_true", help="with --from-decisions: store the proposed threshold")
@@ -254,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "rerunning a batch replaces its run")
     p.add_argument("--candidates-out", metavar="CSV", help="write every candidate as query_id,reference_id,score")
     p.add_argument("--threshold", type=float, help="override the calibrated threshold (MODERATION_THRESHOLD)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="global stage only: no local-feature verification (MODERATION_VERIFY=false)")
     p.set_defaults(func=cmd_match)
 
     model = sub.add_parser("model", help="model versions").add_subparsers(dest="sub", required=True)
@@ -329,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["index_factory"] = args.factory
         if getattr(args, "threshold", None) is not None:
             overrides["threshold"] = args.threshold
+        if getattr(args, "no_verify", False):
+            overrides["verify"] = False
         settings = Settings.from_env(**overrides)
         args.func(args, settings)
     except ModerationError as exc:

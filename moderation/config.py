@@ -40,12 +40,24 @@ class ResizeMode(str, Enum):
     SHORT_EDGE = "short_edge"
 
 
+class LocalFeatureKind(str, Enum):
+    """Keypoint detector of the verification stage (see ``moderation.local_features.Detector``)."""
+
+    SIFT = "sift"
+    ORB = "orb"
+    AKAZE = "akaze"
+
+
 class Postprocess(str, Enum):
     """Descriptor post-processing fitted on background images."""
 
     NONE = "none"
     CENTER = "center"
     WHITEN = "whiten"
+
+
+# Chosen by measurement on bench-dev's extra/ queries (benchmarks/two_stage_bench.py).
+DEFAULT_VIEWS = "full,mirror,grid2,center"
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,16 @@ class Settings:
     evidence_max_pairs: int = 20_000  # per run: evidence beyond this many pairs is skipped
     evidence_retention_days: int = 90
     claim_lease_seconds: int = 900
+    # Two-stage matching (moderation.two_stage): query views, then local-feature verification.
+    verify: bool = True
+    views: str = DEFAULT_VIEWS
+    view_topk: int = 10  # candidates each view contributes before the per-reference merge
+    view_crop_penalty: float = 0.0  # subtracted from a crop view's normalised score before the merge
+    local_features: LocalFeatureKind = LocalFeatureKind.SIFT
+    max_local_features: int = 1000
+    verify_topk: int = 10  # candidates verified per query
+    verify_floor: float = -1.0  # candidates whose global normalised score is below this are not verified
+    verify_workers: int = 2  # verification processes (0: in the matching process)
     progress: bool = True
 
     @classmethod
@@ -117,6 +139,13 @@ class Settings:
         if self.sn_neighbors < 1:
             raise ConfigError("MODERATION_SN_NEIGHBORS must be at least 1 (score normalisation "
                               "averages that many background neighbours)")
+        if self.verify_topk < 0 or self.view_topk < 1:
+            raise ConfigError("MODERATION_VERIFY_TOPK must be 0 or more and MODERATION_VIEW_TOPK at least 1")
+        if self.max_local_features < 16:
+            raise ConfigError("MODERATION_MAX_LOCAL_FEATURES must be at least 16")
+        from moderation.views import ViewConfig
+
+        ViewConfig.parse(self.views)  # ConfigError naming the unknown view kinds
         return replace(self, home=home, database_url=db, store_url=store)
 
     def with_overrides(self, **overrides: Any) -> Settings:
@@ -136,6 +165,7 @@ _TYPES: dict[str, Any] = {
     "Device": Device,
     "ResizeMode": ResizeMode,
     "Postprocess": Postprocess,
+    "LocalFeatureKind": LocalFeatureKind,
 }
 
 

@@ -161,16 +161,9 @@ class _Images(Dataset):
         return len(self.refs)
 
     def __getitem__(self, i: int):
-        ref = self.refs[i]
-        try:
-            ref.image_id.encode("utf-8")
-        except UnicodeEncodeError:
-            # Ids go into CSVs, SQL and object keys; a name that is not UTF-8 cannot.
-            return i, "", None, "bad_name", "file name is not valid UTF-8; rename the file"
-        try:
-            data = self.source.read(ref.location)
-        except Exception as exc:
-            return i, "", None, "unreadable", f"{type(exc).__name__}: {exc}"
+        data, reason, detail = read_input(self.source, self.refs[i])
+        if reason:
+            return i, "", None, reason, detail
         sha = sha256_hex(data)
         if sha in self.known:
             return i, sha, None, "", ""
@@ -181,22 +174,35 @@ class _Images(Dataset):
         return i, sha, preprocess_uint8(img, self.size, self.mode), "", ""
 
 
-def _printable(name: str) -> str:
+def read_input(source: ImageSource, ref: ImageRef) -> tuple[bytes, str, str]:
+    """(bytes, "", "") or (b"", reason, detail): the first step of every image, in a worker."""
+    try:
+        ref.image_id.encode("utf-8")
+    except UnicodeEncodeError:
+        # Ids go into CSVs, SQL and object keys; a name that is not UTF-8 cannot.
+        return b"", "bad_name", "file name is not valid UTF-8; rename the file"
+    try:
+        return source.read(ref.location), "", ""
+    except Exception as exc:
+        return b"", "unreadable", f"{type(exc).__name__}: {exc}"
+
+
+def printable(name: str) -> str:
     """A name that may hold undecodable bytes (surrogate escapes), made safe to log and store."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _collate(items):
+def collate_items(items):
     return items
 
 
-def _worker_init(_worker_id: int) -> None:
+def init_decode_worker(_worker_id: int) -> None:
     # Decoding is single-threaded work; letting each worker also spawn a full
     # intra-op thread pool oversubscribes the cores the model needs.
     torch.set_num_threads(1)
 
 
-def _forward(model: Callable, tensors: list[torch.Tensor], device: torch.device) -> np.ndarray:
+def forward_batch(model: Callable, tensors: list[torch.Tensor], device: torch.device) -> np.ndarray:
     shapes = {t.shape for t in tensors}
     if len(shapes) == 1:
         out = model(normalise_batch(torch.stack(tensors).to(device, non_blocking=True)))
@@ -224,7 +230,7 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
     dataset = _Images(source, refs, known, settings.image_size, settings.resize_mode,
                       settings.max_image_pixels, settings.max_file_bytes)
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.workers,
-                        collate_fn=_collate, worker_init_fn=_worker_init, pin_memory=device.type == "cuda",
+                        collate_fn=collate_items, worker_init_fn=init_decode_worker, pin_memory=device.type == "cuda",
                         persistent_workers=False,
                         prefetch_factor=4 if settings.workers > 0 else None)
     vectors: dict[int, np.ndarray] = {}
@@ -243,7 +249,7 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
             for i, sha, tensor, reason, detail in batch:
                 ref = refs[i]
                 if reason:
-                    ref = ImageRef(_printable(ref.image_id), _printable(ref.location))
+                    ref = ImageRef(printable(ref.image_id), printable(ref.location))
                     failures.append(Failure(ref.image_id, ref.location, reason, detail))
                     log.warning("skipped image %s (%s): %s %s", ref.image_id, ref.location, reason, detail)
                 elif tensor is None:
@@ -253,7 +259,7 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
                 else:
                     todo.append((i, sha, tensor))
             if todo:
-                out = _forward(model, [t for _, _, t in todo], device)
+                out = forward_batch(model, [t for _, _, t in todo], device)
                 for (i, sha, _), vec in zip(todo, out):
                     vectors[i] = vec
                     shas[i] = sha

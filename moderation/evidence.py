@@ -36,7 +36,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +46,7 @@ from PIL import Image
 from moderation.db import FlaggedPair
 from moderation.errors import BadImageError, ModerationError, NotFoundError, StoreError
 from moderation.images import decode_image, preprocess, sha256_hex
-from moderation.store import ObjectStore, validate_key
+from moderation.store import read_location, validate_key
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +118,52 @@ def side_by_side(query: Image.Image, reference: Image.Image, max_pixels: int) ->
     canvas.paste(reference.resize((wr, height), Image.BILINEAR), (wq + GAP_PX, 0))
     if canvas.width * canvas.height > max_pixels:  # max_pixels below the gap's own cost
         canvas = canvas.resize(fit_pixels(canvas.width, canvas.height, max_pixels), Image.BILINEAR)
+    return canvas
+
+
+def draw_geometry(canvas: Image.Image, query: Image.Image, reference: Image.Image, verification) -> Image.Image:
+    """Draw a verified pair's evidence on its side-by-side image (in place; returned).
+
+    Green lines join up to ``keep_points`` inlier correspondences (query
+    left, reference right); a yellow outline shows where the reference sits
+    inside the query (its corners through the fitted model). Points are in
+    the verifier's detection-image pixels; a mirrored match is drawn on the
+    unmirrored query.
+    """
+    from PIL import ImageDraw
+
+    if verification is None or verification.inliers <= 0:
+        return canvas
+    height = canvas.height
+    wq = max(1, round(height * query.width / query.height))
+    qw, qh = verification.query_size
+    rw, rh = verification.reference_size
+    if min(qw, qh, rw, rh) <= 0:
+        return canvas
+    wr = canvas.width - wq - GAP_PX
+
+    def to_query(pts: np.ndarray) -> np.ndarray:
+        pts = np.asarray(pts, np.float64).reshape(-1, 2).copy()
+        if verification.mirrored:
+            pts[:, 0] = qw - pts[:, 0]
+        return pts * np.array([wq / qw, height / qh])
+
+    def to_reference(pts: np.ndarray) -> np.ndarray:
+        return np.asarray(pts, np.float64).reshape(-1, 2) * np.array([wr / rw, height / rh]) + \
+            np.array([wq + GAP_PX, 0.0])
+
+    draw = ImageDraw.Draw(canvas)
+    width = max(1, round(height / 160))
+    for (x0, y0), (x1, y1) in zip(to_query(verification.query_points), to_reference(verification.reference_points)):
+        draw.line([(x0, y0), (x1, y1)], fill=(40, 220, 60), width=width)
+        draw.ellipse([x0 - width, y0 - width, x0 + width, y0 + width], outline=(40, 220, 60))
+    if verification.homography is not None:
+        h = np.asarray(verification.homography, np.float64).reshape(3, 3)
+        corners = np.array([[0, 0, 1], [rw, 0, 1], [rw, rh, 1], [0, rh, 1]], np.float64)
+        proj = corners @ h.T
+        if np.all(np.abs(proj[:, 2]) > 1e-9):
+            outline = to_query(proj[:, :2] / proj[:, 2:3])
+            draw.line([tuple(p) for p in outline] + [tuple(outline[0])], fill=(255, 220, 0), width=2 * width)
     return canvas
 
 
@@ -237,8 +282,13 @@ class _Renderer:
             return occlusion_similarity(self.module, x, ref)
 
 
-def attach_evidence(p, loaded, pairs: Sequence[FlaggedPair], source, run_folder: str) -> list[FlaggedPair]:
+def attach_evidence(p, loaded, pairs: Sequence[FlaggedPair], source, run_folder: str, *,
+                    geometry: dict | None = None) -> list[FlaggedPair]:
     """Store evidence images for ``pairs`` and return them with ``evidence_key``/``heatmap_key`` set.
+
+    ``geometry`` maps (query_id, reference_id) to the pair's Verification:
+    a verified pair's side-by-side shows its inlier correspondences and the
+    reference's outline inside the query (:func:`draw_geometry`).
 
     ``p`` is the Pipeline (settings, store), ``loaded`` the run's
     LoadedModel, ``source`` the query ImageSource (``pair.query_key`` is a
@@ -271,12 +321,15 @@ def attach_evidence(p, loaded, pairs: Sequence[FlaggedPair], source, run_folder:
     for i in sorted(chosen, key=lambda k: (pairs[k].query_key or "", -pairs[k].score)):
         pair = pairs[i]
         q = _image(images, "q", pair.query_key, lambda k: source.read(k), renderer)
-        r = _image(images, "r", pair.reference_key, lambda k: _read_reference(p.store, k), renderer)
+        r = _image(images, "r", pair.reference_key, lambda k: read_location(p.store, k), renderer)
         if q is None or r is None:
             failed += 1
             continue
         ev_key, hm_key = evidence_keys(run_folder, pair.query_id, pair.reference_id)
-        p.store.put(ev_key, _jpeg(side_by_side(q, r, renderer.max_pixels)), "image/jpeg")
+        canvas = side_by_side(q, r, renderer.max_pixels)
+        if geometry:
+            canvas = draw_geometry(canvas, q, r, geometry.get((pair.query_id, pair.reference_id)))
+        p.store.put(ev_key, _jpeg(canvas), "image/jpeg")
         heat_key = None
         try:
             heat = normalise_map(renderer.heat(q, f"r:{pair.reference_key}", r))
@@ -332,19 +385,6 @@ def _image(cache: dict, kind: str, location: str | None, read, renderer: _Render
             log.warning("evidence: cannot read %r: %s", location, exc)
             cache[key] = None
     return cache[key]
-
-
-def _read_reference(store: ObjectStore, location: str) -> bytes:
-    """A reference image by its index location: a file path (folder-built index) or an object key."""
-    path = Path(location)
-    if path.is_absolute():
-        return path.read_bytes()
-    try:
-        return store.get(location)
-    except (NotFoundError, ValueError):
-        if path.is_file():  # a relative folder path from a folder-built index
-            return path.read_bytes()
-        raise
 
 
 # -- retention ---------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def calibrate_from_decisions(p, *, store: bool = False, target_precision: float 
     from moderation.registry import Calibration, Kind, new_version_id
 
     pinned = pin(p)
-    current, source = _threshold(p, pinned)
+    current, source, _ = _threshold(p, pinned)
     rows = review.pair_states(p.db, model_version=pinned.model.version, stats_version=pinned.stats.version)
     proposal = propose_threshold(rows, current, target=target_precision, min_decisions=min_decisions,
                                  min_per_band=min_per_band, model_version=pinned.model.version,
@@ -271,7 +271,11 @@ def calibrate_from_decisions(p, *, store: bool = False, target_precision: float 
                      "decided": at.decided, "flagged": at.flagged, "n_decisions": proposal.n_decisions,
                      "previous_threshold": current, "action": proposal.action},
             info={"index_version": pinned.index.version, "previous_source": source,
-                  "reason": proposal.reason})
+                  "reason": proposal.reason},
+            # Decisions move the threshold on the score matching flags on: keep the combiner and
+            # the matching settings it belongs to, so the new threshold stays on the same scale.
+            combiner=dict(pinned.calibration.combiner) if pinned.calibration else {},
+            matching=dict(pinned.calibration.matching) if pinned.calibration else {})
         record = p.registry.publish(Kind.CALIBRATION, record, {})
         p.db.record_calibration(record)
         proposal.calibration_version = record.version

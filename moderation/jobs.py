@@ -25,7 +25,7 @@ from moderation.embedding import (EmbeddingResult, ImageSource, VectorCache, che
 from moderation.errors import NotFoundError, VersionMismatchError
 from moderation.images import sha256_hex
 from moderation.index import ReferenceIndex, build_index
-from moderation.matching import Candidate, MatchParams, candidates_csv, flagged, search
+from moderation.matching import candidates_csv, flagged, verification_csv
 from moderation.metrics import read_ground_truth
 from moderation.model_versions import LoadedModel, ensure_current_model, load_model
 from moderation.registry import (Calibration, IndexVersion, Kind, ModelVersion, Registry,
@@ -96,6 +96,12 @@ class Pipeline:
                                            self.registry.load(Kind.INDEX, version, "ids.json"))
         locations = json.loads(self.registry.load(Kind.INDEX, version, "locations.json"))
         return index, locations
+
+    def index_shas(self, version: IndexVersion) -> dict[str, str]:
+        """Reference id -> sha256 of an index version ({} for an index built before it was kept)."""
+        if "shas.json" not in version.files:
+            return {}
+        return json.loads(self.registry.load(Kind.INDEX, version, "shas.json"))
 
     def current_calibration(self, model: ModelVersion, stats: StatsVersion) -> Calibration | None:
         try:
@@ -174,10 +180,12 @@ def build_reference_index(p: Pipeline, source: ImageSource) -> IndexVersion:
     loaded = p.load(model)
     result = p.embed(loaded, source, "references")
     check_failure_rate(result, p.settings.max_failure_rate, "reference set")
+    features = reference_features(p, source, result)
     vectors = post.apply(result.vectors)
     index = build_index(vectors, result.ids, p.settings.index_factory)
     index_bytes, ids_bytes = index.serialise()
     locations = json.dumps({r.image_id: r.location for r in result.refs}, sort_keys=True).encode()
+    shas = json.dumps({r.image_id: r.sha256 for r in result.refs}, sort_keys=True).encode()
     content = sha256_hex(stats.version.encode() + p.settings.index_factory.encode()
                          + ids_bytes + locations + vectors.tobytes())
     if current := _current_if_unchanged(p, Kind.INDEX, model, content):
@@ -187,12 +195,30 @@ def build_reference_index(p: Pipeline, source: ImageSource) -> IndexVersion:
     record = IndexVersion(version=new_version_id(content), model_version=model.version,
                           stats_version=stats.version, count=len(index), dim=index.dim,
                           factory=p.settings.index_factory, content_sha256=content,
-                          info={"failures": _failure_summary(result), "cached": result.cached})
+                          info={"failures": _failure_summary(result), "cached": result.cached,
+                                "local_features": features})
     record = p.registry.publish(Kind.INDEX, record, {"index.faiss": index_bytes, "ids.json": ids_bytes,
-                                                     "locations.json": locations})
+                                                     "locations.json": locations, "shas.json": shas})
     p.db.record_index(record)
     log.info("published index %s: %d references, factory %s", record.version, record.count, record.factory)
     return record
+
+
+def reference_features(p: Pipeline, source: ImageSource, result: EmbeddingResult) -> dict | None:
+    """Compute the local features of new or changed references (verification); None if verification is off.
+
+    Returns the counts of :func:`moderation.reference_features.ensure_reference_features`.
+    """
+    if not p.settings.verify:
+        return None
+    from moderation.local_features import FeatureCache
+    from moderation.reference_features import ensure_reference_features
+    from moderation.two_stage import TwoStageConfig
+
+    config = TwoStageConfig.from_settings(p.settings)
+    return ensure_reference_features(source, result.refs, FeatureCache(p.store, config.features),
+                                     workers=p.settings.verify_workers, max_pixels=p.settings.max_image_pixels,
+                                     max_bytes=p.settings.max_file_bytes, progress=p.settings.progress)
 
 
 @dataclass
@@ -221,45 +247,82 @@ def pin(p: Pipeline) -> Pinned:
     return Pinned(model, stats, index, p.current_calibration(model, stats))
 
 
-def _candidates(p: Pipeline, pinned: Pinned, source: ImageSource, what: str):
+def _two_stage(p: Pipeline, pinned: Pinned, source: ImageSource, *, combiner=None, keep_all: bool = False):
+    """Both matching stages over ``source`` with the pinned chain (one implementation for match and calibrate)."""
+    from moderation.local_features import FeatureCache
+    from moderation.reference_features import ReferenceFeatures
+    from moderation.two_stage import TwoStageConfig, match_queries
+
     loaded = p.load(pinned.model)
     post, bg = p.load_stats(pinned.stats)
     index, locations = p.load_index(pinned.index)
-    result = p.embed(loaded, source, what)
-    check_failure_rate(result, p.settings.max_failure_rate, what)
-    params = MatchParams(k=p.settings.topk, beta=p.settings.sn_beta, sn_neighbors=p.settings.sn_neighbors)
-    return result, search(result.vectors, result.ids, index, post, bg, params), locations, loaded
+    config = TwoStageConfig.from_settings(p.settings)
+    refs = None
+    if config.verify:
+        refs = ReferenceFeatures(FeatureCache(p.store, config.features), p.index_shas(pinned.index), locations,
+                                 max_pixels=p.settings.max_image_pixels, max_bytes=p.settings.max_file_bytes)
+    result = match_queries(loaded.module, source, loaded.settings_for(p.settings), config, index, post, bg,
+                           reference_features=refs.get if refs else None, combiner=combiner,
+                           cache=VectorCache(p.store, loaded.version),
+                           device=resolve_device(p.settings.device.value), keep_all=keep_all)
+    if refs is not None and refs.computed:
+        log.warning("%d references had no cached local features and were described during matching; "
+                    "rebuild the index (reference_index_nightly / `moderation index build`) to precompute "
+                    "them", refs.computed)
+    return result, config, locations, loaded
+
+
+def _check_batch(result, limit: float, what: str) -> None:
+    check_failure_rate(EmbeddingResult(result.analysis.refs, result.analysis.full, result.failures), limit, what)
 
 
 def calibrate_labelled(p: Pipeline, source: ImageSource, ground_truth: Path, *,
                        target_precision: float = 0.9, store: bool = True) -> tuple[Calibration, dict]:
-    """Evaluate the pinned chain on a labelled query set and (by default) store its threshold.
+    """Evaluate the pinned chain on a labelled query set and (by default) store its calibration.
 
-    Returns the calibration record and the metrics (μAP, μAP with SN, RP90,
-    recall@1, threshold). Raises ModerationError on a malformed ground truth.
+    With verification on (the default), the score combiner is fitted on the
+    set's candidates and the thresholds (``target_precision``, and 0.99 where
+    the set reaches it) are chosen on the fused score; both are stored with
+    the views and verifier settings they were fitted for. Returns the
+    calibration record and the metrics (μAP, μAP with SN, RP90, recall@1,
+    thresholds). Raises ModerationError on a malformed ground truth.
     """
+    from moderation.calibration import calibrate_fused
+
     gt = read_ground_truth(Path(ground_truth))
     pinned = pin(p)
-    result, cands, _, _ = _candidates(p, pinned, source, "labelled queries")
+    result, config, _, _ = _two_stage(p, pinned, source, keep_all=True)
+    _check_batch(result, p.settings.max_failure_rate, "labelled queries")
+    cands = result.candidates
     missing = [q for q in result.ids if q not in gt]
     if missing:
         log.warning("%d embedded queries are not in the ground truth and are ignored (e.g. %s)",
                     len(missing), missing[:3])
         cands = [c for c in cands if c.query_id in gt]
-    gt_used = {q: r for q, r in gt.items() if q in set(result.ids)}
-    res = calibrate(cands, gt_used, target_precision)
-    metrics = {**res.metrics, "threshold": res.threshold, "target_reached": res.reached,
-               "n_failed": len(result.failures)}
+    ids = set(result.ids)
+    gt_used = {q: r for q, r in gt.items() if q in ids}
+    combiner, high = {}, None
+    if config.verify:
+        fused = calibrate_fused(cands, gt_used, k=config.k, target_precision=target_precision)
+        threshold, reached, combiner, high = fused.threshold, fused.reached, fused.combiner.to_dict(), \
+            fused.high_threshold
+        metrics = dict(fused.metrics)
+    else:
+        res = calibrate([c for c in cands if c.rank <= config.k], gt_used, target_precision)
+        threshold, reached = res.threshold, res.reached
+        metrics = {**res.metrics, "threshold": res.threshold}
+    metrics.update({"target_reached": reached, "n_failed": len(result.failures)})
     record = Calibration(version=new_version_id(), model_version=pinned.model.version,
-                         stats_version=pinned.stats.version, threshold=res.threshold,
-                         target_precision=target_precision, metrics=metrics,
+                         stats_version=pinned.stats.version, threshold=threshold,
+                         target_precision=target_precision, metrics=metrics, combiner=combiner,
+                         matching=config.as_dict(), high_threshold=high,
                          info={"index_version": pinned.index.version,
                                "ground_truth": str(ground_truth)})
     if store:
         record = p.registry.publish(Kind.CALIBRATION, record, {})
         p.db.record_calibration(record)
         p.db.update_model_metrics(pinned.model.version, metrics, metrics.get("rp90_threshold_raw"))
-    if not res.reached:
+    if not reached:
         log.warning("precision %.2f was never reached on this labelled set; the stored threshold "
                     "flags almost nothing. Check the model and statistics.", target_precision)
     return record, metrics
@@ -291,7 +354,7 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
     index or statistics are missing.
     """
     pinned = pin(p)
-    threshold, source_name = _threshold(p, pinned)
+    threshold, source_name, combiner = _threshold(p, pinned)
     run = MatchRunRecord(batch=batch, model_version=pinned.model.version,
                          stats_version=pinned.stats.version, index_version=pinned.index.version,
                          threshold=threshold,
@@ -302,25 +365,34 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
         p.db.record_calibration(pinned.calibration)
     run_id = p.db.start_run(run)
     try:
-        result, cands, locations, loaded = _candidates(p, pinned, source, "queries")
-        csv_text = candidates_csv(cands)
+        result, config, locations, loaded = _two_stage(p, pinned, source, combiner=combiner)
+        failures = _failure_summary(result)
         run_folder = f"runs/{_safe_batch(batch)}"
+        p.store.put(f"{run_folder}/failures.json", json.dumps(failures).encode(), "application/json")
+        _check_batch(result, p.settings.max_failure_rate, "queries")
+        cands = result.candidates
+        csv_text = candidates_csv(cands)
         p.store.put(f"{run_folder}/candidates.csv", csv_text.encode(), "text/csv")
-        p.store.put(f"{run_folder}/failures.json", json.dumps(_failure_summary(result)).encode(),
-                    "application/json")
+        p.store.put(f"{run_folder}/verification.csv", verification_csv(cands).encode(), "text/csv")
+        p.store.put(f"{run_folder}/matching.json", json.dumps(
+            {"matching": config.as_dict(), "threshold": threshold, "threshold_source": source_name,
+             "high_threshold": pinned.calibration.high_threshold if pinned.calibration else None,
+             "combiner": combiner.to_dict(), "seconds": result.seconds, "n_verified": result.n_verified},
+            indent=2, default=str).encode(), "application/json")
         if candidates_out:
             Path(candidates_out).write_text(csv_text)
-        query_keys = {r.image_id: r.location for r in result.refs}
+        query_keys = {r.image_id: r.location for r in result.analysis.refs}
         chosen = flagged(cands, threshold)
         pairs = [FlaggedPair(c.query_id, c.reference_id, c.raw_score, c.score, c.rank,
                              query_key=query_keys.get(c.query_id),
                              reference_key=locations.get(c.reference_id)) for c in chosen]
         if p.settings.evidence and pairs:
-            pairs = _with_evidence(p, loaded, pairs, source, run_folder)
-        run.n_queries = len(result.refs) + len(result.failures)
+            geometry = {(c.query_id, c.reference_id): c.verification for c in chosen}
+            pairs = _with_evidence(p, loaded, pairs, source, run_folder, geometry)
+        run.n_queries = len(result.analysis.refs) + len(result.failures)
         run.n_failed = len(result.failures)
         run.n_candidates = len(cands)
-        run.failures = _failure_summary(result)
+        run.failures = failures
         run.candidates_key = f"{run_folder}/candidates.csv"
         p.db.finish_run(run, pairs)
     except BaseException as exc:
@@ -337,23 +409,48 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
 
 
 def _with_evidence(p: Pipeline, loaded: LoadedModel, pairs: list[FlaggedPair], source: ImageSource,
-                   run_folder: str) -> list[FlaggedPair]:
-    try:
-        from moderation.evidence import attach_evidence
-    except ImportError:
-        return pairs
-    return attach_evidence(p, loaded, pairs, source, run_folder)
+                   run_folder: str, geometry: dict | None = None) -> list[FlaggedPair]:
+    from moderation.evidence import attach_evidence
+
+    return attach_evidence(p, loaded, pairs, source, run_folder, geometry=geometry)
 
 
-def _threshold(p: Pipeline, pinned: Pinned) -> tuple[float, str]:
+def _threshold(p: Pipeline, pinned: Pinned):
+    """(threshold, where it came from, score combiner) for a match run.
+
+    A calibration is used only if it was fitted for the run's matching
+    settings (verification on or off, views, local features): its
+    threshold is on the scale of the score it was fitted for.
+    """
+    from moderation.fusion import DEFAULT_RULE, Combiner
+    from moderation.two_stage import TwoStageConfig
+
+    wanted = TwoStageConfig.from_settings(p.settings).as_dict()
+    cal = pinned.calibration
+    usable = cal is not None and _same_matching(cal, wanted)
+    combiner = Combiner.from_dict(cal.combiner) if usable and cal.combiner else DEFAULT_RULE
     if p.settings.threshold:
-        return p.settings.threshold, "MODERATION_THRESHOLD"
-    if pinned.calibration is not None:
-        return pinned.calibration.threshold, f"calibration {pinned.calibration.version}"
-    log.warning("no calibration for model %s + statistics %s: using the conservative default "
+        return p.settings.threshold, "MODERATION_THRESHOLD", combiner
+    if usable:
+        return cal.threshold, f"calibration {cal.version}", combiner
+    if cal is not None:
+        log.warning("calibration %s was fitted for other matching settings (%s) than this run's (%s): "
+                    "its threshold does not apply. Recalibrate with `moderation calibrate`.",
+                    cal.version, cal.matching or "global stage only", wanted)
+    log.warning("no usable calibration for model %s + statistics %s: using the conservative default "
                 "threshold %.2f. Run `moderation calibrate` on a labelled set.",
                 pinned.model.version, pinned.stats.version, UNCALIBRATED_THRESHOLD)
-    return UNCALIBRATED_THRESHOLD, "uncalibrated default"
+    return UNCALIBRATED_THRESHOLD, "uncalibrated default", combiner
+
+
+def _same_matching(cal: Calibration, wanted: dict) -> bool:
+    have = cal.matching or {"verify": False, "views": "full"}
+    keys = ["verify", "views"]
+    if have.get("verify"):
+        keys.append("features")
+    if have.get("views") != "full":
+        keys.append("crop_penalty")
+    return all(have.get(k, 0.0 if k == "crop_penalty" else None) == wanted.get(k) for k in keys)
 
 
 def _safe_batch(batch: str) -> str:

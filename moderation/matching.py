@@ -9,6 +9,7 @@ background set (SSCD defaults: beta = 1, neighbours 1..3).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -19,13 +20,24 @@ from moderation.statistics import BackgroundIndex, Postprocessor, normalise_scor
 
 @dataclass(frozen=True)
 class Candidate:
-    """One (query, reference) candidate; ``score`` is the normalised score used for flagging."""
+    """One (query, reference) candidate; ``score`` is the score used for ranking and flagging.
+
+    After the global stage ``score`` is the normalised score (SN) and
+    ``global_score`` is None. After two-stage matching ``score`` is the fused
+    final score, ``global_score`` the best normalised score over the query's
+    views, ``view`` the view that gave it, and ``verification`` the
+    geometric evidence (a :class:`moderation.verification.Verification`,
+    or None when the pair was not verified).
+    """
 
     query_id: str
     reference_id: str
     raw_score: float
     score: float
     rank: int
+    view: str = "full"
+    global_score: float | None = None
+    verification: Any = None
 
     def prediction(self) -> Prediction:
         return Prediction(self.query_id, self.reference_id, self.score)
@@ -75,11 +87,45 @@ def candidates_csv(candidates: list[Candidate]) -> str:
 
     Ids holding a comma, quote or newline are quoted per RFC 4180.
     """
+    return _csv_text(["query_id", "reference_id", "score"],
+                     ((c.query_id, c.reference_id, f"{c.score:.6f}") for c in candidates))
+
+
+def _csv_text(header, rows) -> str:
+    """RFC 4180 text with "\\n" line ends; a field holding a carriage return is quoted too.
+
+    (The csv module quotes only the characters of its line terminator, so
+    with "\\n" endings a bare "\\r" in an id would otherwise split the row
+    for readers that treat it as a line break.)
+    """
     import csv
     import io
 
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["query_id", "reference_id", "score"])
-    writer.writerows((c.query_id, c.reference_id, f"{c.score:.6f}") for c in candidates)
+    plain = csv.writer(buf, lineterminator="\n")
+    quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    plain.writerow(header)
+    for row in rows:
+        (quoted if any("\r" in str(v) for v in row) else plain).writerow(row)
     return buf.getvalue()
+
+
+VERIFICATION_COLUMNS = ("query_id", "reference_id", "rank", "score", "global_score", "raw_score", "view",
+                        "verified", "matches", "inliers", "inlier_ratio", "query_coverage",
+                        "reference_coverage", "mirrored")
+
+
+def verification_csv(candidates: list[Candidate]) -> str:
+    """Every candidate with its global score, best view and verification features (a run artifact).
+
+    ``verified`` is empty for a pair that was not verified (outside the
+    budget, below the floor, or no usable features).
+    """
+    def row(c: Candidate) -> list:
+        v = c.verification
+        feats = v.features() if v is not None else {}
+        return [c.query_id, c.reference_id, c.rank, f"{c.score:.6f}",
+                "" if c.global_score is None else f"{c.global_score:.6f}", f"{c.raw_score:.6f}",
+                c.view, "" if v is None else int(v.verified), *(feats.get(k, "") for k in VERIFICATION_COLUMNS[8:])]
+
+    return _csv_text(VERIFICATION_COLUMNS, (row(c) for c in candidates))

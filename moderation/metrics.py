@@ -146,3 +146,30 @@ def precision_at(predictions: Iterable[Prediction], gt: Mapping[str, str | None]
     if not sel:
         return float("nan")
     return sum(1 for p in sel if gt.get(p.query_id) == p.reference_id) / len(sel)
+
+
+def recall_at_k(predictions: Iterable[Prediction], gt: Mapping[str, str | None], k: int) -> float:
+    """Fraction of matched queries whose true reference is among their ``k`` best predictions.
+
+    The ceiling any re-scoring of those candidates can reach.
+    """
+    per_query: dict[str, list[Prediction]] = {}
+    for p in predictions:
+        per_query.setdefault(p.query_id, []).append(p)
+    positives = [q for q, r in gt.items() if r is not None]
+    if not positives:
+        return 0.0
+    hits = 0
+    for q in positives:
+        top = sorted(per_query.get(q, []), key=lambda p: -p.score)[:k]
+        hits += any(p.reference_id == gt[q] for p in top)
+    return hits / len(positives)
+
+
+def recall_at(predictions: Iterable[Prediction], gt: Mapping[str, str | None], threshold: float) -> float:
+    """Fraction of matched queries whose true pair scores >= threshold (what flagging finds)."""
+    positives = sum(1 for r in gt.values() if r is not None)
+    if not positives:
+        return 0.0
+    hit = {p.query_id for p in predictions if p.score >= threshold and gt.get(p.query_id) == p.reference_id}
+    return len(hit) / positives

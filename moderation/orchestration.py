@@ -35,7 +35,8 @@ from moderation.embedding import StoreSource
 from moderation.errors import (BatchFailedError, ConfigError, ModerationError, NotFoundError,
                                VersionMismatchError)
 from moderation.images import IMAGE_SUFFIXES, sha256_hex
-from moderation.jobs import Pipeline, build_reference_index, calibrate_labelled, refresh_stats, run_matching
+from moderation.jobs import (Pipeline, build_reference_index, calibrate_labelled, reference_features, refresh_stats,
+                             run_matching)
 from moderation.registry import Kind, ModelVersion, Registry
 from moderation.store import ObjectStore, open_store
 
@@ -298,8 +299,9 @@ def embed_reference_shard(settings: Settings, shard: Mapping[str, Any], *, run_i
     """Profile and embed one shard of the references into the shared vector cache.
 
     Reads: the shard's images. Writes: the shard's quality profile
-    (``quality/profiles/references/RUN/shard-N.csv``) and new vectors in
-    ``embeddings/MODEL/``. Fails on non-finite, wrong-size or non-unit vectors.
+    (``quality/profiles/references/RUN/shard-N.csv``), new vectors in
+    ``embeddings/MODEL/`` and, with verification on, new local features in
+    ``features/CONFIG/``. Fails on non-finite, wrong-size or non-unit vectors.
     """
     p = open_pipeline(settings, shard["model_version"])
     model = p.current_model()
@@ -313,10 +315,12 @@ def embed_reference_shard(settings: Settings, shard: Mapping[str, Any], *, run_i
     out = {"model_version": model.version, "index": index, "keys": len(keys), "embedded": 0,
            "cached": 0, "failed": len(keys) - len(good), "profile_key": profile_key}
     if good:
-        result = p.embed(p.load(model), StoreSource(settings, shard["prefix"], keys=good),
-                         f"reference shard {index + 1}/{count}")
+        source = StoreSource(settings, shard["prefix"], keys=good)
+        result = p.embed(p.load(model), source, f"reference shard {index + 1}/{count}")
         quality.check_embeddings(result.vectors, model.dim, "references", limits).raise_for_failure()
         out.update(embedded=len(result.refs), cached=result.cached, failed=out["failed"] + len(result.failures))
+        # The verifier's local features, per shard too: the build task then finds them all cached.
+        out["local_features"] = reference_features(p, source, result)
     return out
 
 

@@ -372,6 +372,8 @@ def check_flagged_pairs(pairs: Sequence[Any], *, threshold: float, beta: float, 
     import great_expectations.expectations as gxe
     import pandas as pd
 
+    from moderation.fusion import RULE_MAX_BONUS
+
     limits = limits or QualityLimits.from_env()
     cols = ("query_id", "reference_id", "raw_score", "score", "rank")
     rows = [{c: (p[c] if isinstance(p, Mapping) else getattr(p, c)) for c in cols} for p in pairs]
@@ -380,8 +382,10 @@ def check_flagged_pairs(pairs: Sequence[Any], *, threshold: float, beta: float, 
     bound = spike_bound(history, limits)
     exps = [
         gxe.ExpectColumnValuesToBeBetween(column="raw_score", min_value=-1.0 - m, max_value=1.0 + m),
+        # The final score is a normalised score (at most 1 + |beta|), a fused probability
+        # (at most 1), or a normalised score plus the default rule's verification bonus.
         gxe.ExpectColumnValuesToBeBetween(column="score", min_value=float(threshold) - m,
-                                          max_value=1.0 + abs(float(beta)) + m),
+                                          max_value=1.0 + abs(float(beta)) + RULE_MAX_BONUS + m),
         gxe.ExpectColumnValuesToBeBetween(column="rank", min_value=1, max_value=int(topk)),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["query_id", "reference_id"]),
     ]

@@ -100,7 +100,15 @@ class IndexVersion:
 
 @dataclass(frozen=True)
 class Calibration:
-    """The flagging threshold for one (model, stats) pair, on normalised scores."""
+    """The flagging thresholds for one (model, stats) pair and one matching configuration.
+
+    ``threshold`` applies to the score matching flags on: the normalised
+    score of the global stage, or the fused score when ``combiner`` is set
+    (two-stage matching; ``matching`` records the views and verifier it was
+    fitted for, and a match run with other settings does not use it).
+    ``high_threshold`` is the 99 %-precision point where the labelled set
+    reaches it (for automatic action), else None.
+    """
 
     version: str
     model_version: str
@@ -108,6 +116,9 @@ class Calibration:
     threshold: float
     target_precision: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    combiner: dict[str, Any] = field(default_factory=dict)
+    matching: dict[str, Any] = field(default_factory=dict)
+    high_threshold: float | None = None
     source: str = "labelled-set"  # labelled-set | decisions
     created_at: str = field(default_factory=now_iso)
     files: dict[str, str] = field(default_factory=dict)

@@ -251,3 +251,20 @@ def open_store(settings: Settings) -> ObjectStore:
                        settings.s3_secret_key, secure=settings.s3_secure,
                        region=settings.s3_region, prefix=url.path)
     raise ConfigError(f"MODERATION_STORE_URL={settings.store_url!r}: scheme must be file:// or s3://")
+
+
+def read_location(store: ObjectStore, location: str) -> bytes:
+    """An indexed image by its location: an absolute file path (a folder-built index) or an object key.
+
+    A relative path that is no object key is read from disk as a last resort.
+    Raises NotFoundError / OSError when neither exists; StoreError when the store is down.
+    """
+    path = Path(location)
+    if path.is_absolute():
+        return path.read_bytes()
+    try:
+        return store.get(location)
+    except (NotFoundError, ValueError):
+        if path.is_file():
+            return path.read_bytes()
+        raise

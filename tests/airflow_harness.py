@@ -41,47 +41,7 @@ BUCKET = "moderation"
 ACCESS_KEY, SECRET_KEY = "testing", "testing-secret"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(port: int, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", "/")
-            conn.getresponse().read()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing answered on 127.0.0.1:{port} within {timeout}s")
-
-
-class MotoServer:
-    """``moto_server`` in a subprocess on a free loopback port."""
-
-    def __init__(self):
-        self.port = free_port()
-        exe = shutil.which("moto_server", path=str(VENV_BIN)) or shutil.which("moto_server")
-        cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
-        self.proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            _wait_http(self.port)
-        except Exception:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+from services import MotoServer, free_port, wait_port  # noqa: E402,F401 (one implementation)
 
 
 @dataclass

@@ -12,25 +12,15 @@ Sections appended below by other areas (review, airflow, trainer) are delimited 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from services import MotoServer, free_port  # noqa: F401 (re-exported for tests)
 
 os.environ.setdefault("MODERATION_PROGRESS", "false")
 
 PG_ADMIN_URL = os.environ.get("MODERATION_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def create_pg_database(prefix: str = "mod_test") -> str:
@@ -65,37 +55,10 @@ def pg_url():
     drop_pg_database(url)
 
 
-class MotoServer:
-    def __init__(self):
-        self.port = free_port()
-        self.endpoint = f"127.0.0.1:{self.port}"
-        exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-        self.proc = None
-        self._exe = exe
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([self._exe, "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("moto_server did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto) on loopback for the whole session."""
     server = MotoServer()
-    server.start()
     yield server
     server.stop()
 
@@ -124,7 +87,8 @@ def sample_set(tmp_path_factory):
 def fast_env(home: Path) -> dict[str, str]:
     """Settings for quick CPU tests: small images, no worker processes, no progress bars."""
     return {"MODERATION_HOME": str(home), "MODERATION_IMAGE_SIZE": "128", "MODERATION_WORKERS": "0",
-            "MODERATION_PROGRESS": "false", "MODERATION_BATCH_SIZE": "16", "MODERATION_DEVICE": "cpu"}
+            "MODERATION_PROGRESS": "false", "MODERATION_BATCH_SIZE": "16", "MODERATION_DEVICE": "cpu",
+            "MODERATION_VERIFY_WORKERS": "0"}
 
 
 @pytest.fixture

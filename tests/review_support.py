@@ -153,50 +153,8 @@ def pair_ids(db: Database, run_id: int | None = None) -> list[int]:
 
 # -- servers and faults -------------------------------------------------------------------------
 
+from services import MotoServer, free_port, wait_port  # noqa: E402,F401 (one implementation)
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
-
-
-class MotoServer:
-    """``moto_server`` (an S3 implementation) in a subprocess on a free port."""
-
-    def __init__(self):
-        self.port = free_port()
-        exe = VENV_BIN / "moto_server"
-        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_port(self.port)
-        except TimeoutError:
-            self.stop()
-            raise
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class TcpProxy:

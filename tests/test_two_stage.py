@@ -1,0 +1,125 @@
+"""Two-stage matching pieces: the per-reference merge of views, the fused calibration, settings checks."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from moderation.config import Settings
+from moderation.errors import ConfigError
+from moderation.index import build_index
+from moderation.matching import Candidate, MatchParams, verification_csv
+from moderation.statistics import l2n
+from moderation.verification import Verification
+from moderation.view_search import search_views
+
+
+def unit(*rows):
+    return l2n(np.array(rows, np.float32))
+
+
+def test_views_merge_per_reference_by_best_score_and_record_the_view():
+    refs = unit([1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0])
+    index = build_index(refs, ["A", "B", "C"])
+    # query q: whole image near A, a crop exactly B; query p: only a whole view near C
+    vectors = unit([0.9, 0.1, 0, 0.3], [0.05, 1, 0, 0], [0, 0, 1, 0.2])
+    owner = np.array([0, 0, 1])
+    cands = search_views(vectors, owner, ["full", "grid2_0", "full"], ["q", "p"], index, None, None,
+                         MatchParams(k=2))
+    q = [c for c in cands if c.query_id == "q"]
+    assert [(c.reference_id, c.view, c.rank) for c in q] == [("B", "grid2_0", 1), ("A", "full", 2)]
+    assert q[0].score == pytest.approx(float(vectors[1] @ refs[1]))
+    assert len({(c.query_id, c.reference_id) for c in cands}) == len(cands)  # merged: one row per pair
+    # A crop penalty lets the whole image win unless the crop is clearly better.
+    penalised = search_views(vectors, owner, ["full", "grid2_0", "full"], ["q", "p"], index, None, None,
+                             MatchParams(k=2), crop_penalty=0.2)
+    assert [c.reference_id for c in penalised if c.query_id == "q"][0] == "A"
+
+
+def test_verification_artifact_keeps_global_score_and_features():
+    v = Verification(matches=40, inliers=25, verified=True, inlier_ratio=0.625, query_coverage=0.2,
+                     reference_coverage=0.7, mirrored=True)
+    rows = verification_csv([Candidate("q\r1", "r", 0.5, 0.93, 1, view="grid3_4", global_score=0.21, verification=v),
+                             Candidate("q2", "r", 0.4, 0.1, 1, global_score=0.1)])
+    import csv
+    import io
+
+    parsed = list(csv.DictReader(io.StringIO(rows, newline="")))
+    assert parsed[0]["query_id"] == "q\r1" and parsed[0]["view"] == "grid3_4"
+    assert parsed[0]["inliers"] == "25" and parsed[0]["verified"] == "1" and parsed[0]["mirrored"] == "True"
+    assert parsed[0]["matches"] == "40" and float(parsed[0]["global_score"]) == pytest.approx(0.21)
+    assert parsed[1]["verified"] == "" and parsed[1]["inliers"] == ""
+
+
+def test_fused_calibration_fits_then_thresholds_the_fused_score():
+    from moderation.calibration import calibrate_fused
+
+    rng = np.random.default_rng(0)
+    cands, gt = [], {}
+    for i in range(120):
+        q = f"q{i}"
+        copy = i % 3 != 0
+        gt[q] = "r0" if copy else None
+        for r in range(5):
+            true = copy and r == 0
+            inl = int(rng.integers(20, 90)) if true and rng.random() < 0.85 else int(rng.integers(0, 6))
+            v = Verification(inliers=inl, verified=inl >= 8, inlier_ratio=0.6 if inl >= 8 else 0.1,
+                             reference_coverage=0.6 if inl >= 8 else 0.0, query_coverage=0.4 if inl >= 8 else 0.0)
+            g = float(rng.normal(0.2 if true else 0.0, 0.1))
+            cands.append(Candidate(q, f"r{r}", g, g, r + 1, global_score=g, verification=v))
+    fused = calibrate_fused(cands, gt, k=5)
+    assert fused.reached and all(w >= 0 for w in fused.combiner.weights)
+    assert fused.metrics["uap_sn"] > 0.8 and fused.high_threshold is not None
+    assert fused.high_threshold >= fused.threshold
+    again = calibrate_fused(list(cands), dict(gt), k=5)
+    assert again.combiner.to_dict() == fused.combiner.to_dict() and again.threshold == fused.threshold
+
+
+def test_two_stage_settings_are_validated(tmp_path):
+    s = Settings.from_env({"MODERATION_HOME": str(tmp_path)})
+    assert s.verify and s.views.startswith("full")
+    with pytest.raises(ConfigError, match="tiles"):
+        Settings.from_env({"MODERATION_HOME": str(tmp_path), "MODERATION_VIEWS": "full,tiles"})
+    with pytest.raises(ConfigError, match="MODERATION_LOCAL_FEATURES"):
+        Settings.from_env({"MODERATION_HOME": str(tmp_path), "MODERATION_LOCAL_FEATURES": "surf"})
+    off = Settings.from_env({"MODERATION_HOME": str(tmp_path), "MODERATION_VERIFY": "false"})
+    assert off.verify is False
+
+
+def test_a_calibration_for_other_matching_settings_is_not_used(tmp_path, caplog):
+    from moderation.jobs import Pinned, _threshold
+    from moderation.registry import Calibration
+    from moderation.two_stage import TwoStageConfig
+
+    settings = Settings.from_env({"MODERATION_HOME": str(tmp_path)})
+
+    class P:  # only what _threshold reads
+        pass
+
+    p = P()
+    p.settings = settings
+    wanted = TwoStageConfig.from_settings(settings).as_dict()
+    good = Calibration("c1", "m", "s", 0.3, 0.9, combiner={"kind": "rule"}, matching=wanted)
+    old = Calibration("c0", "m", "s", 0.4, 0.9)  # a global-stage calibration from before verification
+    from types import SimpleNamespace as NS
+
+    pin = lambda cal: Pinned(NS(version="m"), NS(version="s"), None, cal)  # noqa: E731
+    assert _threshold(p, pin(good))[:2] == (0.3, "calibration c1")
+    with caplog.at_level(logging.WARNING):
+        thr, source, combiner = _threshold(p, pin(old))
+    assert source == "uncalibrated default" and "other matching settings" in caplog.text
+    p.settings = settings.with_overrides(verify=False, views="full")
+    assert _threshold(p, pin(old))[:2] == (0.4, "calibration c0")
+
+
+def test_candidates_csv_quotes_a_carriage_return_in_an_id():
+    import csv
+    import io
+
+    from moderation.matching import candidates_csv
+
+    text = candidates_csv([Candidate(f"q\r{i}", "r", 0.5, 0.5, 1) for i in range(10)])
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    assert len(rows) == 11 and rows[3][0] == "q\r2"
