@@ -101,7 +101,7 @@ def load_analysis(path: Path):
         lists[tag] = [LocalFeatures(z[f"{tag}_points"][a:b].astype(np.float32), z[f"{tag}_desc"][a:b].astype(np.uint8),
                                     int(w), int(h)) for a, b, (w, h) in zip(starts, ends, z[f"{tag}_sizes"])]
     analysis = QueryAnalysis(refs, z["vectors"], z["owner"], [str(n) for n in z["view_names"]], z["full"],
-                             lists["f"], lists["m"], [], 0)
+                             lists["f"], lists["m"], [])
     return analysis, json.loads(str(z["timing"]))
 
 

@@ -255,8 +255,10 @@ def calibrate_from_decisions(p, *, store: bool = False, target_precision: float 
     from moderation.jobs import _threshold, pin
     from moderation.registry import Calibration, Kind, new_version_id
 
+    from moderation.two_stage import TwoStageConfig
+
     pinned = pin(p)
-    current, source, _ = _threshold(p, pinned)
+    current, source, combiner = _threshold(p, pinned)
     rows = review.pair_states(p.db, model_version=pinned.model.version, stats_version=pinned.stats.version)
     proposal = propose_threshold(rows, current, target=target_precision, min_decisions=min_decisions,
                                  min_per_band=min_per_band, model_version=pinned.model.version,
@@ -272,10 +274,10 @@ def calibrate_from_decisions(p, *, store: bool = False, target_precision: float 
                      "previous_threshold": current, "action": proposal.action},
             info={"index_version": pinned.index.version, "previous_source": source,
                   "reason": proposal.reason},
-            # Decisions move the threshold on the score matching flags on: keep the combiner and
-            # the matching settings it belongs to, so the new threshold stays on the same scale.
-            combiner=dict(pinned.calibration.combiner) if pinned.calibration else {},
-            matching=dict(pinned.calibration.matching) if pinned.calibration else {})
+            # Decisions move the threshold on the score matching flags on: keep the combiner in
+            # force and the matching settings it belongs to, so the new threshold stays on that scale.
+            combiner=combiner.to_dict() if combiner.kind != "rule" else {},
+            matching=TwoStageConfig.from_settings(p.settings).as_dict())
         record = p.registry.publish(Kind.CALIBRATION, record, {})
         p.db.record_calibration(record)
         proposal.calibration_version = record.version

@@ -52,15 +52,10 @@ class QueryAnalysis:
     features: list[LocalFeatures | None] = field(default_factory=list)
     mirrored: list[LocalFeatures | None] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
-    cached: int = 0
 
     @property
     def ids(self) -> list[str]:
         return [r.image_id for r in self.refs]
-
-    @property
-    def total(self) -> int:
-        return len(self.refs) + len(self.failures)
 
     def views_per_query(self) -> float:
         return len(self.view_names) / max(1, len(self.refs))
@@ -161,4 +156,4 @@ def analyse_queries(model: Callable, source: ImageSource, settings: Settings, vi
     names = [n for k in kept for n in k[2]]
     full = np.stack([k[3][0] for k in kept]).astype(np.float32) if kept else np.zeros((0, dim), np.float32)
     return QueryAnalysis(out_refs, vectors, owner, names, full, [k[4] for k in kept], [k[5] for k in kept],
-                         failures, 0)
+                         failures)

@@ -123,3 +123,29 @@ def test_candidates_csv_quotes_a_carriage_return_in_an_id():
     text = candidates_csv([Candidate(f"q\r{i}", "r", 0.5, 0.5, 1) for i in range(10)])
     rows = list(csv.reader(io.StringIO(text, newline="")))
     assert len(rows) == 11 and rows[3][0] == "q\r2"
+
+
+def test_evidence_shows_correspondences_and_the_reference_outline():
+    from local_images import paste, textured
+    from moderation.evidence import draw_geometry, side_by_side
+    from moderation.local_features import FeatureConfig, extract
+    from moderation.verification import verify_pair
+
+    ref, host = textured(21), textured(22, size=(512, 400))
+    query = paste(ref, host, 0.5, (200, 150))
+    cfg = FeatureConfig()
+    v = verify_pair(extract(query, cfg), extract(ref, cfg), mirrored_query=extract(query, cfg, mirror=True))
+    assert v.verified
+    plain = side_by_side(query, ref, 200_000)
+    drawn = draw_geometry(plain.copy(), query, ref, v)
+    arr = np.asarray(drawn).astype(int)
+    yellow = (arr[..., 0] > 240) & (arr[..., 1] > 200) & (arr[..., 1] < 235) & (arr[..., 2] < 30)
+    green = (arr[..., 0] < 60) & (arr[..., 1] > 200) & (arr[..., 2] > 40) & (arr[..., 2] < 80)
+    assert green.sum() > 50 and yellow.sum() > 50
+    # The outline sits where the reference was pasted: its top-left corner near (200, 150) of the query.
+    scale = plain.height / query.height
+    ys, xs = np.nonzero(yellow)
+    near = (np.abs(xs - 200 * scale) < 8) & (np.abs(ys - 150 * scale) < 8)
+    assert near.any()
+    unverified = draw_geometry(plain.copy(), query, ref, Verification())
+    assert np.array_equal(np.asarray(unverified), np.asarray(plain))
