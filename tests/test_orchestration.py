@@ -116,8 +116,12 @@ def test_index_tasks_pin_versions_and_refuse_mixing(settings):
     results = [orch.embed_reference_shard(settings, s, run_id="manual__t1") for s in plan["shards"]]
     assert sum(r["keys"] for r in results) == 12 and sum(r["embedded"] for r in results) == 12
     assert sum(r["cached"] for r in results) == 0
+    # The verifier's local features are computed per shard too, and only for new images.
+    assert sum(r["local_features"]["computed"] for r in results) == 12
     rerun = orch.embed_reference_shard(settings, plan["shards"][0], run_id="manual__t2")
     assert rerun["cached"] == rerun["embedded"] == results[0]["embedded"]  # only new images are embedded
+    assert rerun["local_features"]["computed"] == 0
+    assert rerun["local_features"]["cached"] == results[0]["embedded"]
     checked = orch.check_reference_batch(settings, plan, results)
     assert checked["images"] == 12 and checked["duplicates"] == 0
 
@@ -129,6 +133,10 @@ def test_index_tasks_pin_versions_and_refuse_mixing(settings):
 
     built = orch.build_index_version(settings, plan)
     assert built["changed"] and built["count"] == 12
+    from moderation.store import open_store
+
+    store = open_store(settings)
+    assert len([k for k in store.list("features/") if k.endswith(".npz")]) == 12  # none recomputed
     again = orch.build_index_version(settings, plan)
     assert (again["changed"], again["index_version"]) == (False, built["index_version"])
     calibrated = orch.calibrate_if_labelled(settings, built)
