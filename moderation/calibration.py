@@ -87,7 +87,9 @@ def calibrate_fused(candidates: list[Candidate], gt: Mapping[str, str | None], *
     final = rescore(candidates, combiner, k)
     res = calibrate(final, gt, target_precision)
     high = evaluate([c.prediction() for c in final], gt, high_precision)
-    metrics = {**res.metrics, "threshold": res.threshold, "high_threshold": high.rp90_threshold,
+    # calibrate() names the final score's figures *_sn (the score matching flags on); say so plainly.
+    metrics = {**res.metrics, "uap_final": res.metrics["uap_sn"], "rp90_final": res.metrics["rp90_sn"],
+               "threshold": res.threshold, "high_threshold": high.rp90_threshold,
                f"recall_at_{round(high_precision * 100)}": high.rp90,
                "combiner_fit": combiner.info}
     return FusedCalibration(combiner, res.threshold, res.reached, high.rp90_threshold, high_precision, metrics)

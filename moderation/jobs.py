@@ -273,7 +273,7 @@ def _two_stage(p: Pipeline, pinned: Pinned, source: ImageSource, *, combiner=Non
 
 
 def _check_batch(result, limit: float, what: str) -> None:
-    check_failure_rate(EmbeddingResult(result.analysis.refs, result.analysis.full, result.failures), limit, what)
+    check_failure_rate(EmbeddingResult(result.refs, result.full, result.failures), limit, what)
 
 
 def calibrate_labelled(p: Pipeline, source: ImageSource, ground_truth: Path, *,
@@ -381,7 +381,7 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
             indent=2, default=str).encode(), "application/json")
         if candidates_out:
             Path(candidates_out).write_text(csv_text)
-        query_keys = {r.image_id: r.location for r in result.analysis.refs}
+        query_keys = {r.image_id: r.location for r in result.refs}
         chosen = flagged(cands, threshold)
         pairs = [FlaggedPair(c.query_id, c.reference_id, c.raw_score, c.score, c.rank,
                              query_key=query_keys.get(c.query_id),
@@ -389,7 +389,7 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
         if p.settings.evidence and pairs:
             geometry = {(c.query_id, c.reference_id): c.verification for c in chosen}
             pairs = _with_evidence(p, loaded, pairs, source, run_folder, geometry)
-        run.n_queries = len(result.analysis.refs) + len(result.failures)
+        run.n_queries = len(result.refs) + len(result.failures)
         run.n_failed = len(result.failures)
         run.n_candidates = len(cands)
         run.failures = failures

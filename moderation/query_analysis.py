@@ -95,16 +95,18 @@ class _Queries(Dataset):
 
 def analyse_queries(model: Callable, source: ImageSource, settings: Settings, views: ViewConfig,
                     features: FeatureConfig | None, *, cache: VectorCache | None = None,
-                    device: torch.device | None = None, desc: str = "analysing queries") -> QueryAnalysis:
+                    device: torch.device | None = None, refs: list[ImageRef] | None = None,
+                    desc: str = "analysing queries") -> QueryAnalysis:
     """Decode each query once; embed all its views; extract its local features (unless None).
 
     ``settings`` carry the model's own preprocessing (``LoadedModel.settings_for``).
-    Whole-image vectors new to ``cache`` are added to it. Never raises on
-    a bad image; see the module's failure policy.
+    Whole-image vectors new to ``cache`` are added to it. ``refs`` limits the
+    work to those images of ``source``. Never raises on a bad image; see the
+    module's failure policy.
     """
     from tqdm import tqdm
 
-    refs = list(source.refs())
+    refs = list(source.refs() if refs is None else refs)
     device = device or torch.device("cpu")
     dataset = _Queries(source, refs, settings.image_size, settings.resize_mode, views, features,
                        settings.max_image_pixels, settings.max_file_bytes)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 from moderation.errors import BadImageError, ModerationError, NotFoundError, StoreError
@@ -101,24 +102,34 @@ def ensure_reference_features(source, refs: Sequence[ImageRef], cache: FeatureCa
     return out
 
 
+# References whose features stay in memory during a run (about 0.14 MB each): popular
+# references are read once, and a day of 100k queries never holds the whole set.
+MEMO_SIZE = 4096
+
+
 class ReferenceFeatures:
-    """Features of indexed references by id, for the match job (memoised for the run).
+    """Features of indexed references by id, for the match job (the most recent ``memo_size`` kept).
 
     ``shas`` maps reference id -> sha256 (the index's ``shas.json``; may be
     empty for an older index), ``locations`` id -> object key or file path.
     """
 
     def __init__(self, cache: FeatureCache, shas: Mapping[str, str], locations: Mapping[str, str], *,
-                 max_pixels: int = 64_000_000, max_bytes: int = 50_000_000):
+                 max_pixels: int = 64_000_000, max_bytes: int = 50_000_000, memo_size: int = MEMO_SIZE):
         self.cache, self.shas, self.locations = cache, dict(shas), dict(locations)
         self.max_pixels, self.max_bytes = max_pixels, max_bytes
-        self._memo: dict[str, LocalFeatures | None] = {}
+        self._memo: OrderedDict[str, LocalFeatures | None] = OrderedDict()
+        self.memo_size = memo_size
         self.computed = 0
 
     def get(self, reference_id: str) -> LocalFeatures | None:
-        if reference_id not in self._memo:
-            self._memo[reference_id] = self._load(reference_id)
-        return self._memo[reference_id]
+        if reference_id in self._memo:
+            self._memo.move_to_end(reference_id)
+            return self._memo[reference_id]
+        feats = self._memo[reference_id] = self._load(reference_id)
+        while len(self._memo) > self.memo_size:
+            self._memo.popitem(last=False)
+        return feats
 
     def _load(self, rid: str) -> LocalFeatures | None:
         sha = self.shas.get(rid)

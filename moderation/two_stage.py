@@ -16,6 +16,7 @@ stage alone (views still apply, unless the spec is ``full``).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -24,7 +25,7 @@ import numpy as np
 
 from moderation.config import Settings
 from moderation.fusion import DEFAULT_RULE, Combiner, pair_features
-from moderation.images import Failure
+from moderation.images import Failure, ImageRef
 from moderation.index import ReferenceIndex
 from moderation.local_features import Detector, FeatureConfig
 from moderation.matching import Candidate, MatchParams
@@ -71,38 +72,51 @@ class TwoStageConfig:
                 "verify_floor": self.verify_floor}
 
 
+# Queries analysed, searched and verified together: bounds memory (a query's local features,
+# plain and mirrored, take about 0.3 MB) whatever the size of the day's batch.
+QUERY_CHUNK = 1024
+
+
 @dataclass
 class TwoStageResult:
-    """Final candidates (``score`` = fused score, best first per query) and what it took."""
+    """Final candidates (``score`` = fused score, best first per query) and what it took.
 
-    analysis: QueryAnalysis
+    ``refs`` are the queries that decoded (with sha256), ``full`` their
+    whole-image vectors in the same order.
+    """
+
+    refs: list[ImageRef]
+    full: np.ndarray
     candidates: list[Candidate]
     failures: list[Failure]
     seconds: dict[str, float] = field(default_factory=dict)
     n_verified: int = 0
+    views_per_query: float = 1.0
 
     @property
     def ids(self) -> list[str]:
-        return self.analysis.ids
+        return [r.image_id for r in self.refs]
 
 
-def _dedupe(analysis: QueryAnalysis) -> tuple[list[int], list[Failure]]:
+def _dedupe(refs: list[ImageRef]) -> tuple[list[ImageRef], list[Failure]]:
+    """The first image of each id; the others are failures (two files with one stem would collide)."""
     seen: set[str] = set()
     keep, dup = [], []
-    for i, ref in enumerate(analysis.refs):
+    for ref in refs:
         if ref.image_id in seen:
             dup.append(Failure(ref.image_id, ref.location, "duplicate_id", "another file has the same id"))
         else:
             seen.add(ref.image_id)
-            keep.append(i)
+            keep.append(ref)
     return keep, dup
 
 
 def match_queries(model: Callable, source, settings: Settings, config: TwoStageConfig, index: ReferenceIndex,
                   postprocessor: Postprocessor | None, background: BackgroundIndex | None, *,
                   reference_features: Callable[[str], object] | None = None, combiner: Combiner | None = None,
-                  cache=None, device=None, keep_all: bool = False) -> TwoStageResult:
-    """Run both stages over ``source``.
+                  cache=None, device=None, keep_all: bool = False,
+                  chunk: int = QUERY_CHUNK) -> TwoStageResult:
+    """Run both stages over ``source``, ``chunk`` queries at a time.
 
     ``settings`` must carry the model's preprocessing
     (``LoadedModel.settings_for``); ``reference_features(id)`` returns a
@@ -111,20 +125,42 @@ def match_queries(model: Callable, source, settings: Settings, config: TwoStageC
     query) instead of the top ``k``: the calibration fits on all of them.
     Raises ModerationError when verification is on without a feature source.
     """
+    from tqdm import tqdm
+
     from moderation.errors import ModerationError
 
     if config.verify and reference_features is None:
         raise ModerationError("verification needs the references' local features")
-    t0 = time.perf_counter()
-    analysis = analyse_queries(model, source, settings, config.views, config.features if config.verify else None,
-                               cache=cache, device=device)
-    result = match_analysis(analysis, settings, config, index, postprocessor, background,
-                            reference_features=reference_features, combiner=combiner, keep_all=keep_all)
-    result.seconds["analyse"] = time.perf_counter() - t0 - sum(result.seconds.values())
+    refs, failures = _dedupe(list(source.refs()))
+    out = TwoStageResult([], np.zeros((0, 0), np.float32), [], failures, {"analyse": 0.0, "search": 0.0, "verify": 0.0})
+    fulls, n_views = [], 0
+    bar = tqdm(total=len(refs), desc="matching queries", unit="img", file=sys.stderr,
+               disable=not settings.progress or len(refs) <= chunk, dynamic_ncols=True)
+    quiet = replace(settings, progress=settings.progress and len(refs) <= chunk)
+    for start in range(0, len(refs), chunk):
+        part = refs[start:start + chunk]
+        t0 = time.perf_counter()
+        analysis = analyse_queries(model, source, quiet, config.views, config.features if config.verify else None,
+                                   cache=cache, device=device, refs=part)
+        out.seconds["analyse"] += time.perf_counter() - t0
+        done = match_analysis(analysis, quiet, config, index, postprocessor, background,
+                              reference_features=reference_features, combiner=combiner, keep_all=keep_all)
+        out.refs += done.refs
+        fulls.append(done.full)
+        out.candidates += done.candidates
+        out.failures += done.failures
+        out.n_verified += done.n_verified
+        n_views += len(analysis.view_names)
+        for key in ("search", "verify"):
+            out.seconds[key] += done.seconds[key]
+        bar.update(len(part))
+    bar.close()
+    out.full = np.concatenate(fulls) if fulls else out.full
+    out.views_per_query = n_views / max(1, len(out.refs))
     log.info("two-stage matching: %d queries, %.1f views each, %d pairs verified; analyse %.1fs, search %.1fs, "
-             "verify %.1fs", len(analysis.refs), analysis.views_per_query(), result.n_verified,
-             result.seconds["analyse"], result.seconds["search"], result.seconds["verify"])
-    return result
+             "verify %.1fs", len(out.refs), out.views_per_query, out.n_verified, out.seconds["analyse"],
+             out.seconds["search"], out.seconds["verify"])
+    return out
 
 
 def _view_kind(name: str) -> str:
@@ -141,12 +177,12 @@ def match_analysis(analysis: QueryAnalysis, settings: Settings, config: TwoStage
     ``memo`` (benchmarks) reuses verifications already made for the same pairs.
     """
     combiner = combiner or DEFAULT_RULE
-    keep, dup = _dedupe(analysis)
+    if not analysis.refs:  # nothing decoded: nothing to search (the failures are the result)
+        return TwoStageResult([], analysis.full, [], list(analysis.failures), {"search": 0.0, "verify": 0.0})
     t1 = time.perf_counter()
     ids = analysis.ids
     wanted = {k.value for k in config.views.kinds}
-    mask = np.isin(analysis.owner, np.array(keep, np.int64)) & np.array(
-        [_view_kind(n) in wanted for n in analysis.view_names], bool)
+    mask = np.array([_view_kind(n) in wanted for n in analysis.view_names], bool).reshape(-1)
     pool_k = max(config.k, config.verify_topk if config.verify else 0)
     params = MatchParams(k=pool_k, beta=settings.sn_beta, sn_neighbors=settings.sn_neighbors)
     names = [n for n, m in zip(analysis.view_names, mask) if m]
@@ -166,13 +202,13 @@ def match_analysis(analysis: QueryAnalysis, settings: Settings, config: TwoStage
     for c in scored:
         by_query.setdefault(c.query_id, []).append(c)
     out: list[Candidate] = []
-    for qid in dict.fromkeys(ids):
+    for qid in ids:
         ranked = sorted(by_query.get(qid, []), key=lambda c: (-c.score, -(c.global_score or 0.0), c.reference_id))
         if not keep_all:
             ranked = ranked[:config.k]
         out += [replace(c, rank=r + 1) for r, c in enumerate(ranked)]
-    return TwoStageResult(analysis, out, analysis.failures + dup, {"search": t2 - t1, "verify": t3 - t2},
-                          len(verifications))
+    return TwoStageResult(analysis.refs, analysis.full, out, list(analysis.failures),
+                          {"search": t2 - t1, "verify": t3 - t2}, len(verifications), analysis.views_per_query())
 
 
 def _verify(analysis: QueryAnalysis, cands: list[Candidate], config: TwoStageConfig, reference_features,

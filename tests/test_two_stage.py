@@ -149,3 +149,45 @@ def test_evidence_shows_correspondences_and_the_reference_outline():
     assert near.any()
     unverified = draw_geometry(plain.copy(), query, ref, Verification())
     assert np.array_equal(np.asarray(unverified), np.asarray(plain))
+
+
+def _tiny_model(x):
+    """A stand-in descriptor: colour means over a 4x4 grid, L2-normalised (48-d)."""
+    import torch.nn.functional as F
+
+    return F.normalize(F.adaptive_avg_pool2d(x, 4).flatten(1), dim=1)
+
+
+def test_matching_in_chunks_equals_one_pass_and_dedupes_ids_across_chunks(tmp_path):
+    from local_images import paste, textured
+    from moderation.embedding import FolderSource
+    from moderation.local_features import FeatureConfig, extract
+    from moderation.query_analysis import analyse_queries
+    from moderation.two_stage import TwoStageConfig, match_queries
+    from moderation.views import ViewConfig
+
+    settings = Settings.from_env({"MODERATION_HOME": str(tmp_path / "h"), "MODERATION_WORKERS": "0",
+                                  "MODERATION_PROGRESS": "false", "MODERATION_IMAGE_SIZE": "64"})
+    refs_dir, q_dir = tmp_path / "refs", tmp_path / "q"
+    refs_dir.mkdir()
+    (q_dir / "sub").mkdir(parents=True)
+    refs = {f"R{i}": textured(300 + i) for i in range(6)}
+    for rid, img in refs.items():
+        img.save(refs_dir / f"{rid}.png")
+    for i in range(5):
+        paste(refs[f"R{i}"], textured(400 + i, size=(480, 360)), 0.6, (60, 40)).save(q_dir / f"Q{i}.png")
+    textured(500).save(q_dir / "sub" / "Q0.png")  # the same id again, in a sub-folder
+    ref_analysis = analyse_queries(_tiny_model, FolderSource(refs_dir), settings, ViewConfig(), None)
+    index = build_index(l2n(ref_analysis.full), ref_analysis.ids)
+    feats = {rid: extract(img, FeatureConfig()) for rid, img in refs.items()}
+    config = TwoStageConfig(views=ViewConfig.parse("full,mirror,grid2"), k=3, verify_topk=3, workers=0)
+    runs = [match_queries(_tiny_model, FolderSource(q_dir), settings, config, index, None, None,
+                          reference_features=feats.get, chunk=chunk) for chunk in (2, 100)]
+    a, b = ([(c.query_id, c.reference_id, c.rank, round(c.score, 9), c.view) for c in r.candidates] for r in runs)
+    assert a == b and len(a) == 15
+    for r in runs:
+        assert [f.reason for f in r.failures] == ["duplicate_id"] and r.ids == [f"Q{i}" for i in range(5)]
+        assert r.full.shape == (5, 48) and r.views_per_query == 6
+        top = {c.query_id: c for c in r.candidates if c.rank == 1}
+        assert sum(top[f"Q{i}"].reference_id == f"R{i}" for i in range(5)) >= 4
+        assert all(top[q].verification is not None for q in top)
