@@ -172,6 +172,17 @@ class FeatureCache:
         """The shas with stored features (one listing of the prefix)."""
         return {k.rsplit("/", 1)[-1][:-4] for k in self.store.list(self.prefix) if k.endswith(".npz")}
 
+    def missing(self, shas: list[str], list_above: int = 5000) -> list[str]:
+        """The given shas without stored features, in order.
+
+        A few are checked one by one (a shard of the nightly DAG must not list
+        a million keys); many are checked against one listing of the prefix.
+        """
+        if len(shas) > list_above:
+            known = self.known()
+            return [s for s in shas if s not in known]
+        return [s for s in shas if not self.store.exists(self.key(s))]
+
     def get(self, sha: str) -> LocalFeatures | None:
         """The stored features, or None if absent or unreadable."""
         from moderation.errors import NotFoundError

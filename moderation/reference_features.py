@@ -64,10 +64,9 @@ def ensure_reference_features(source, refs: Sequence[ImageRef], cache: FeatureCa
     """
     from tqdm import tqdm
 
-    known = cache.known()
-    todo = [r for r in refs if r.sha256 not in known]
     # One reference file may appear under two ids: describe each content once.
-    todo = list({r.sha256: r for r in todo}.values())
+    unique = {r.sha256: r for r in refs}
+    todo = [unique[s] for s in cache.missing(list(unique))]
     computed = failed = 0
     bar = tqdm(total=len(todo), desc="reference features", unit="img", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
@@ -95,7 +94,7 @@ def ensure_reference_features(source, refs: Sequence[ImageRef], cache: FeatureCa
         for ref, job in zip(todo, jobs):
             handle(*_work(job), ref)
     bar.close()
-    out = {"total": len(refs), "cached": len(refs) - len(todo), "computed": computed, "failed": failed,
+    out = {"total": len(refs), "cached": len(unique) - len(todo), "computed": computed, "failed": failed,
            "config": cache.config.key()}
     log.info("reference features (%s): %d cached, %d computed, %d failed", cache.config.key(),
              out["cached"], computed, failed)

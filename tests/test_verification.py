@@ -146,3 +146,16 @@ def test_one_orientation_alone():
     ref = textured(18)
     v = verify_one(extract(ref, SIFT), extract(ref, SIFT), False, VerifyConfig())
     assert v.verified and v.inlier_ratio > 0.8 and not v.mirrored
+
+
+def test_feature_cache_finds_missing_shas_one_by_one_or_by_listing(tmp_path):
+    from moderation.store import LocalStore
+
+    cache = FeatureCache(LocalStore(tmp_path / "store"), SIFT)
+    f = extract(textured(19, size=(120, 90), shapes=20), SIFT)
+    have = [f"{i:02x}" * 32 for i in range(3)]
+    for sha in have:
+        cache.put(sha, f)
+    wanted = have + ["ee" * 32, "ff" * 32]
+    assert cache.missing(wanted) == ["ee" * 32, "ff" * 32]
+    assert cache.missing(wanted, list_above=1) == ["ee" * 32, "ff" * 32]
