@@ -1,7 +1,11 @@
 """Shared wiring of the moderation DAGs: assets, retry policy, connections, gate errors.
 
-Not a DAG file: it defines no DAG, so the dag-processor parses it and finds none. Everything that does work
-lives in ``moderation.orchestration``; this module only adapts it to Airflow.
+Not a DAG file: ``.airflowignore`` keeps the dag-processor from parsing it. Everything that does work lives in
+``moderation.orchestration``; this module only adapts it to Airflow.
+
+Parse cost: the dag-processor imports every DAG file, and this module, every few minutes. Nothing here may
+import ``moderation.orchestration`` (it pulls in torch, FAISS, great-expectations, pandas) at module level; the
+helpers below import it when a task calls them. ``tests/test_dags_parsing.py`` holds the line.
 """
 
 from __future__ import annotations
@@ -12,9 +16,7 @@ from typing import Any
 from airflow.sdk import Asset, Connection
 from airflow.sdk.exceptions import AirflowFailException
 
-from moderation import orchestration
-from moderation.errors import ConfigError, VersionMismatchError
-from moderation.quality import QualityGateError
+from moderation import layout
 
 START_DATE = datetime(2026, 1, 1, tzinfo=timezone.utc)
 TAGS = ["moderation"]
@@ -41,16 +43,22 @@ GPU_POOL = "gpu"
 
 def settings(**overrides: Any):
     """Settings with the review database and object store from the Airflow connections."""
-    db = Connection.get(orchestration.DB_CONN_ID)
-    s3 = Connection.get(orchestration.S3_CONN_ID)
+    from moderation import orchestration
+
+    db = Connection.get(layout.DB_CONN_ID)
+    s3 = Connection.get(layout.S3_CONN_ID)
     return orchestration.settings_from_connections(db.to_dict(), s3.to_dict(), **overrides)
 
 
 def no_retry(fn, *args, **kwargs):
     """Run ``fn``; a failed quality gate, bad configuration or a version mix fails without retries.
 
-    Retrying cannot fix these: the data or the setup must change first.
+    Retrying cannot fix these: the data or the setup must change first. Any other exception propagates
+    and is retried as usual.
     """
+    from moderation.errors import ConfigError, VersionMismatchError
+    from moderation.quality import QualityGateError
+
     try:
         return fn(*args, **kwargs)
     except (QualityGateError, ConfigError, VersionMismatchError) as exc:

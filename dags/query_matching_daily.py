@@ -14,7 +14,9 @@ from __future__ import annotations
 from airflow.sdk import CronTriggerTimetable, Param, dag, task
 
 import moderation_dag_common as common
-from moderation import orchestration
+
+# moderation.orchestration (torch, FAISS, great-expectations, pandas) is imported inside each task:
+# the dag-processor parses this file every few minutes and must not pay for it.
 
 
 @dag(
@@ -37,23 +39,31 @@ from moderation import orchestration
 def query_matching_daily():
     @task(doc_md="Reads: the date parameter or the run's date. Returns the batch prefix queries/DATE/.")
     def resolve_batch(params=None, logical_date=None, dag_run=None):
+        from moderation import orchestration
+
         when = logical_date or getattr(dag_run, "run_after", None)
         return common.no_retry(lambda: orchestration.batch_prefix(orchestration.batch_date(params["date"], when)))
 
     @task(doc_md="Reads: the day's query images. Writes: quality/profiles/queries/DATE.csv. Gate: decode "
                  "failure rate, image sizes, duplicates by sha256.")
     def check_queries(batch: str):
+        from moderation import orchestration
+
         return common.no_retry(orchestration.check_query_batch, common.settings(), batch)
 
     @task(doc_md="Reads: the day's queries, the serving model (newest with an index). Writes: new vectors "
                  "in embeddings/MODEL/. Gate: embeddings (dimension, unit norm, finite).")
     def embed_queries(batch: str, checked: dict):
+        from moderation import orchestration
+
         return common.no_retry(orchestration.embed_query_batch, common.settings(), batch)
 
     @task(doc_md="Reads: queries (vectors from the cache), the pinned model/statistics/index/calibration. "
                  "Writes: a pending hold on the day, runs/DAY/ artifacts, the day's match_runs row and "
                  "flagged_pairs (a rerun replaces them).")
     def match(batch: str, embedded: dict):
+        from moderation import orchestration
+
         return common.no_retry(orchestration.match_batch, common.settings(), batch, embedded["model_version"])
 
     @task(outlets=[common.MATCH_ASSET],
@@ -61,6 +71,8 @@ def query_matching_daily():
                  "unique pairs, count vs trailing mean. Writes: releases the hold, or keeps it 'held' and "
                  "fails. Emits moderation_match_runs {batch, run_id, flagged}.")
     def gate_flagged(batch: str, matched: dict, params=None, dag_run=None, outlet_events=None):
+        from moderation import orchestration
+
         who = f"airflow:{dag_run.run_id}" if dag_run is not None else "airflow"
         out = common.no_retry(orchestration.gate_flagged_batch, common.settings(), batch,
                               release=bool(params["release_hold"]), released_by=who)

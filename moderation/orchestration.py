@@ -37,21 +37,16 @@ from moderation.errors import (BatchFailedError, ConfigError, ModerationError, N
 from moderation.images import IMAGE_SUFFIXES, sha256_hex
 from moderation.jobs import (Pipeline, build_reference_index, calibrate_labelled, reference_features, refresh_stats,
                              run_matching)
+# Defined in the import-free layout module so the DAG files can read them at parse time; kept
+# importable from here, where the task code and the tests look for them.
+from moderation.layout import (BACKGROUND_PREFIX, CALIBRATION_PREFIX, DB_CONN_ID, INDEX_DAG,  # noqa: F401
+                               PROFILES_PREFIX, QUERIES_PREFIX, REFERENCES_PREFIX, S3_CONN_ID, STATS_DAG,
+                               TRAINING_PREFIX, VALIDATION_PREFIX)
 from moderation.registry import Kind, ModelVersion, Registry
 from moderation.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 
-DB_CONN_ID = "moderation_db"
-S3_CONN_ID = "moderation_s3"
-
-REFERENCES_PREFIX = "references/"
-BACKGROUND_PREFIX = "background/"
-QUERIES_PREFIX = "queries/"
-TRAINING_PREFIX = "training/"
-VALIDATION_PREFIX = "validation/"
-CALIBRATION_PREFIX = "calibration/"
-PROFILES_PREFIX = "quality/profiles/"
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 

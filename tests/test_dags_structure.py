@@ -32,10 +32,20 @@ def bag(tmp_path_factory):
         yield bag, list(caught)
 
 
+def _airflows_own(w: warnings.WarningMessage) -> bool:
+    """Airflow 3.3 reading any glob ``.airflowignore`` warns about pathspec's renamed pattern class.
+
+    That warning is raised inside Airflow for every deployment with an ignore file; it says nothing about
+    our DAG files, so it alone is let through.
+    """
+    return "GitWildMatchPattern" in str(w.message) and ("file_discovery" in w.filename or "pathspec" in w.filename)
+
+
 def test_dag_files_import_without_errors_or_warnings(bag):
     dagbag, caught = bag
     assert dagbag.import_errors == {}
-    assert not caught, [f"{w.filename}:{w.lineno}: {w.message}" for w in caught]
+    ours = [w for w in caught if not _airflows_own(w)]
+    assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
     assert not getattr(dagbag, "dag_warnings", None)
     assert set(dagbag.dags) == set(EXPECTED)
 
