@@ -1,8 +1,12 @@
 """Daily matching: gate and embed a day's queries, match them, gate the flagged pairs.
 
-The day's queries live under ``queries/YYYY-MM-DD/``. A scheduled run
-matches the day before its date; the ``date`` parameter selects another
-day (late data). Matching uses the newest model whose index is published
+Runs at 06:00 UTC and whenever a new reference index is published
+(``moderation_index``), so a promotion's rebuild ends in a matching run with
+the new model without waiting for the next morning. The day's queries live
+under ``queries/YYYY-MM-DD/``. A run matches the day before its date (a
+cron run's logical date; an index-triggered run has none and matches the day
+before it was triggered); the ``date`` parameter selects another day (late
+data). Matching uses the newest model whose index is published
 and pins its model, statistics, index and calibration. Re-running a day
 replaces that day's match run (no duplicate pairs). The day's pairs stay
 held back from review until the flagged-pairs gate passes; a spike keeps
@@ -11,7 +15,7 @@ them held until an operator releases them (rerun with ``release_hold``).
 
 from __future__ import annotations
 
-from airflow.sdk import CronTriggerTimetable, Param, dag, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 import moderation_dag_common as common
 
@@ -21,7 +25,8 @@ import moderation_dag_common as common
 
 @dag(
     dag_id="query_matching_daily",
-    schedule=CronTriggerTimetable("0 6 * * *", timezone="UTC"),
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 6 * * *", timezone="UTC"),
+                                 assets=common.INDEX_ASSET),
     start_date=common.START_DATE,
     catchup=False,
     max_active_runs=1,
@@ -37,10 +42,12 @@ import moderation_dag_common as common
     doc_md=__doc__,
 )
 def query_matching_daily():
-    @task(doc_md="Reads: the date parameter or the run's date. Returns the batch prefix queries/DATE/.")
+    @task(doc_md="Reads: the date parameter, else the run's logical date (cron) or the time it was "
+                 "triggered (index event). Returns the batch prefix queries/DATE/ of the day before.")
     def resolve_batch(params=None, logical_date=None, dag_run=None):
         from moderation import orchestration
 
+        # Asset-triggered runs have no logical date in Airflow 3, only run_after.
         when = logical_date or getattr(dag_run, "run_after", None)
         return common.no_retry(lambda: orchestration.batch_prefix(orchestration.batch_date(params["date"], when)))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -82,7 +82,10 @@ def test_schedules_and_asset_wiring(bag):
     assert isinstance(stats.timetable, AssetOrTimeSchedule) and scheduled_on(stats) == {"moderation_model"}
     assert isinstance(index.timetable, AssetOrTimeSchedule) and scheduled_on(index) == {"moderation_stats"}
     assert index.timetable.timetable.expression == "0 2 * * *"
-    assert isinstance(match.timetable, CronTriggerTimetable) and match.timetable.expression == "0 6 * * *"
+    # matching follows a new index (a promotion's whole rebuild ends there) as well as its daily cron
+    assert isinstance(match.timetable, AssetOrTimeSchedule) and scheduled_on(match) == {"moderation_index"}
+    assert isinstance(match.timetable.timetable, CronTriggerTimetable)
+    assert match.timetable.timetable.expression == "0 6 * * *"
     assert retrain.timetable.can_be_scheduled is False
 
     def outlets(dag, task_id):
@@ -94,6 +97,18 @@ def test_schedules_and_asset_wiring(bag):
     assert outlets(match, "gate_flagged") == {"moderation_match_runs"}
     # the reference shards are a mapped task
     assert type(index.get_task("embed_shard")).__name__ in ("MappedOperator", "DecoratedMappedOperator")
+
+
+def test_matching_resolves_the_pending_day_for_every_kind_of_run(bag):
+    """Cron runs have a logical date; asset-triggered runs have none, only the time they were triggered."""
+    from types import SimpleNamespace
+
+    resolve = bag[0].dags["query_matching_daily"].get_task("resolve_batch").python_callable
+    six_am = datetime(2026, 11, 30, 6, 0, tzinfo=timezone.utc)
+    assert resolve(params={"date": ""}, logical_date=six_am, dag_run=None) == "queries/2026-11-29/"
+    triggered = SimpleNamespace(run_after=datetime(2026, 11, 30, 2, 41, tzinfo=timezone.utc))
+    assert resolve(params={"date": ""}, logical_date=None, dag_run=triggered) == "queries/2026-11-29/"
+    assert resolve(params={"date": "2026-11-20"}, logical_date=None, dag_run=triggered) == "queries/2026-11-20/"
 
 
 def test_gpu_routing_and_params_schema(bag):
