@@ -10,13 +10,16 @@ helpers below import it when a task calls them. ``tests/test_dags_parsing.py`` h
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from airflow.sdk import Asset, Connection
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from moderation import layout
+
+log = logging.getLogger(__name__)
 
 START_DATE = datetime(2026, 1, 1, tzinfo=timezone.utc)
 TAGS = ["moderation"]
@@ -51,16 +54,24 @@ def settings(**overrides: Any):
 
 
 def no_retry(fn, *args, **kwargs):
-    """Run ``fn``; a failed quality gate, bad configuration or a version mix fails without retries.
+    """Run ``fn``, turning the library's deliberate errors into task outcomes that spend no retry.
 
-    Retrying cannot fix these: the data or the setup must change first. Any other exception propagates
-    and is retried as usual.
+    - a missing prerequisite (``MissingPrerequisiteError``: no statistics for the index, no index for
+      matching) skips the task, and with it the rest of the run, after a warning naming the DAG that
+      produces it: the run came too early, nothing is broken, and retrying minutes later cannot help;
+    - a failed quality gate, bad configuration or a version mix fails the task at once: the data or the
+      setup must change first.
+
+    Any other exception propagates and is retried as usual.
     """
-    from moderation.errors import ConfigError, VersionMismatchError
+    from moderation.errors import ConfigError, MissingPrerequisiteError, VersionMismatchError
     from moderation.quality import QualityGateError
 
     try:
         return fn(*args, **kwargs)
+    except MissingPrerequisiteError as exc:
+        log.warning("skipping this run: %s. Run the DAG %s first.", exc, exc.producer)
+        raise AirflowSkipException(f"waiting for the DAG {exc.producer}: {exc}") from exc
     except (QualityGateError, ConfigError, VersionMismatchError) as exc:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 

@@ -11,6 +11,8 @@ and pins its model, statistics, index and calibration. Re-running a day
 replaces that day's match run (no duplicate pairs). The day's pairs stay
 held back from review until the flagged-pairs gate passes; a spike keeps
 them held until an operator releases them (rerun with ``release_hold``).
+Before any model has a reference index, a run skips (no failure, no retry)
+and its log names the DAG to run first.
 """
 
 from __future__ import annotations
@@ -51,12 +53,15 @@ def query_matching_daily():
         when = logical_date or getattr(dag_run, "run_after", None)
         return common.no_retry(lambda: orchestration.batch_prefix(orchestration.batch_date(params["date"], when)))
 
-    @task(doc_md="Reads: the day's query images. Writes: quality/profiles/queries/DATE.csv. Gate: decode "
-                 "failure rate, image sizes, duplicates by sha256.")
+    @task(doc_md="Reads: the registry pointers (no model with a reference index yet: skips the run, naming "
+                 "the DAG to run), the day's query images. Writes: quality/profiles/queries/DATE.csv. Gate: "
+                 "decode failure rate, image sizes, duplicates by sha256.")
     def check_queries(batch: str):
         from moderation import orchestration
 
-        return common.no_retry(orchestration.check_query_batch, common.settings(), batch)
+        settings = common.settings()
+        common.no_retry(orchestration.require_serving_index, settings)
+        return common.no_retry(orchestration.check_query_batch, settings, batch)
 
     @task(doc_md="Reads: the day's queries, the serving model (newest with an index). Writes: new vectors "
                  "in embeddings/MODEL/. Gate: embeddings (dimension, unit norm, finite).")

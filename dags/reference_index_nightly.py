@@ -6,7 +6,8 @@ statistics version in force for it, refuses shards embedded by another
 model, gates the reference batch and the vectors, then publishes an index
 version and emits ``moderation_index`` carrying the versions. When a
 labelled set exists under ``calibration/``, the new model/statistics pair is
-calibrated before the event.
+calibrated before the event. A run before the model has statistics skips
+(no failure, no retry) and its log names the DAG to run first.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from moderation import layout
 )
 def reference_index_nightly():
     @task(doc_md="Reads: model and statistics pointers, the reference listing. Writes: nothing. "
-                 "Returns the shard specs, each pinning the model and statistics versions.")
+                 "Returns the shard specs, each pinning the model and statistics versions. No statistics "
+                 "for the model yet: skips the run, naming the DAG to run.")
     def plan(params=None, triggering_asset_events=None):
         from moderation import orchestration
 
