@@ -137,3 +137,16 @@ def test_gpu_routing_and_params_schema(bag):
     assert validated(match, {"date": "2026-11-29"})["date"] == "2026-11-29"
     with pytest.raises(ParamValidationError):
         validated(match, {"date": "29/11/2026"})
+
+
+def test_metadata_database_serves_the_asset_graph(bag):
+    """The UI's asset graph reads every DAG's dependencies with Postgres' ``#>`` JSON-path operator.
+
+    psycopg 3 binds the path as a typed varchar (``operator does not exist: jsonb #> character
+    varying``, even on an empty table); psycopg2 inlines it. Airflow's own database must use psycopg2.
+    """
+    from airflow.models.serialized_dag import SerializedDagModel
+    from airflow.settings import engine
+
+    assert engine.dialect.driver == "psycopg2"
+    SerializedDagModel.get_dag_dependencies()

@@ -132,6 +132,10 @@ def test_airflow_services_share_config_and_the_dag_connections(compose, env_exam
         assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
         assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:")
         assert "@postgres:5432/" in env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+        # Airflow's own database on psycopg2 (psycopg 3 breaks the UI's asset graph query); the
+        # review database (AIRFLOW_CONN_MODERATION_DB, checked below) stays on psycopg 3
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://"), name
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql+psycopg2://"), name
         assert env["AIRFLOW__CORE__DAGS_FOLDER"] == "/opt/moderation/dags"
         assert env["AIRFLOW__API_AUTH__JWT_SECRET"]  # all components must share it
         assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"].startswith("http://airflow-apiserver:8080/")
