@@ -11,7 +11,10 @@ from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, t
 from airflow.sdk.exceptions import AirflowSkipException
 
 import moderation_dag_common as common
-from moderation import orchestration
+from moderation import layout
+
+# moderation.orchestration (torch, FAISS, great-expectations, pandas) is imported inside each task:
+# the dag-processor parses this file every few minutes and must not pay for it.
 
 
 @dag(
@@ -27,7 +30,7 @@ from moderation import orchestration
         "model_version": Param("", type="string",
                                description="Model to fit for; empty: the promoted model of the triggering "
                                            "event, else the current model."),
-        "prefix": Param(orchestration.BACKGROUND_PREFIX, type="string", minLength=1,
+        "prefix": Param(layout.BACKGROUND_PREFIX, type="string", minLength=1,
                         description="Object prefix of the background images."),
         "sample_size": Param(5000, type="integer", minimum=10, maximum=1_000_000,
                              description="Background images sampled (deterministically) for the fit."),
@@ -39,6 +42,8 @@ def background_stats_refresh():
     @task(doc_md="Reads: the model pointer (or the triggering event's model), the listing of the "
                  "background prefix. Writes: nothing. Returns the model version and the sampled keys.")
     def sample(params=None, triggering_asset_events=None):
+        from moderation import orchestration
+
         model = (common.version_from_events(triggering_asset_events, common.MODEL_ASSET)
                  or params["model_version"] or None)
         return common.no_retry(orchestration.sample_background, common.settings(), prefix=params["prefix"],
@@ -48,6 +53,8 @@ def background_stats_refresh():
                  "embeddings/MODEL/, stats/MODEL/STATS/ + stats/MODEL/CURRENT when the fit changed, "
                  "a stats_versions row. Gate: embeddings (dimension, unit norm, finite).")
     def fit(sampled: dict):
+        from moderation import orchestration
+
         return common.no_retry(orchestration.fit_background_stats, common.settings(), sampled)
 
     @task(outlets=[common.STATS_ASSET],

@@ -1,20 +1,25 @@
 """Shared wiring of the moderation DAGs: assets, retry policy, connections, gate errors.
 
-Not a DAG file: it defines no DAG, so the dag-processor parses it and finds none. Everything that does work
-lives in ``moderation.orchestration``; this module only adapts it to Airflow.
+Not a DAG file: ``.airflowignore`` keeps the dag-processor from parsing it. Everything that does work lives in
+``moderation.orchestration``; this module only adapts it to Airflow.
+
+Parse cost: the dag-processor imports every DAG file, and this module, every few minutes. Nothing here may
+import ``moderation.orchestration`` (it pulls in torch, FAISS, great-expectations, pandas) at module level; the
+helpers below import it when a task calls them. ``tests/test_dags_parsing.py`` holds the line.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from airflow.sdk import Asset, Connection
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from moderation import orchestration
-from moderation.errors import ConfigError, VersionMismatchError
-from moderation.quality import QualityGateError
+from moderation import layout
+
+log = logging.getLogger(__name__)
 
 START_DATE = datetime(2026, 1, 1, tzinfo=timezone.utc)
 TAGS = ["moderation"]
@@ -41,18 +46,32 @@ GPU_POOL = "gpu"
 
 def settings(**overrides: Any):
     """Settings with the review database and object store from the Airflow connections."""
-    db = Connection.get(orchestration.DB_CONN_ID)
-    s3 = Connection.get(orchestration.S3_CONN_ID)
+    from moderation import orchestration
+
+    db = Connection.get(layout.DB_CONN_ID)
+    s3 = Connection.get(layout.S3_CONN_ID)
     return orchestration.settings_from_connections(db.to_dict(), s3.to_dict(), **overrides)
 
 
 def no_retry(fn, *args, **kwargs):
-    """Run ``fn``; a failed quality gate, bad configuration or a version mix fails without retries.
+    """Run ``fn``, turning the library's deliberate errors into task outcomes that spend no retry.
 
-    Retrying cannot fix these: the data or the setup must change first.
+    - a missing prerequisite (``MissingPrerequisiteError``: no statistics for the index, no index for
+      matching) skips the task, and with it the rest of the run, after a warning naming the DAG that
+      produces it: the run came too early, nothing is broken, and retrying minutes later cannot help;
+    - a failed quality gate, bad configuration or a version mix fails the task at once: the data or the
+      setup must change first.
+
+    Any other exception propagates and is retried as usual.
     """
+    from moderation.errors import ConfigError, MissingPrerequisiteError, VersionMismatchError
+    from moderation.quality import QualityGateError
+
     try:
         return fn(*args, **kwargs)
+    except MissingPrerequisiteError as exc:
+        log.warning("skipping this run: %s. Run the DAG %s first.", exc, exc.producer)
+        raise AirflowSkipException(f"waiting for the DAG {exc.producer}: {exc}") from exc
     except (QualityGateError, ConfigError, VersionMismatchError) as exc:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 

@@ -6,7 +6,8 @@ statistics version in force for it, refuses shards embedded by another
 model, gates the reference batch and the vectors, then publishes an index
 version and emits ``moderation_index`` carrying the versions. When a
 labelled set exists under ``calibration/``, the new model/statistics pair is
-calibrated before the event.
+calibrated before the event. A run before the model has statistics skips
+(no failure, no retry) and its log names the DAG to run first.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, t
 from airflow.sdk.exceptions import AirflowSkipException
 
 import moderation_dag_common as common
-from moderation import orchestration
+from moderation import layout
+
+# moderation.orchestration (torch, FAISS, great-expectations, pandas) is imported inside each task:
+# the dag-processor parses this file every few minutes and must not pay for it.
 
 
 @dag(
@@ -31,7 +35,7 @@ from moderation import orchestration
     params={
         "model_version": Param("", type="string",
                                description="Model to index for; empty: the triggering event's, else current."),
-        "prefix": Param(orchestration.REFERENCES_PREFIX, type="string", minLength=1,
+        "prefix": Param(layout.REFERENCES_PREFIX, type="string", minLength=1,
                         description="Object prefix of the reference images."),
         "keys_per_shard": Param(2000, type="integer", minimum=1, description="References per mapped task."),
         "max_shards": Param(16, type="integer", minimum=1, maximum=1024, description="Most mapped tasks."),
@@ -40,8 +44,11 @@ from moderation import orchestration
 )
 def reference_index_nightly():
     @task(doc_md="Reads: model and statistics pointers, the reference listing. Writes: nothing. "
-                 "Returns the shard specs, each pinning the model and statistics versions.")
+                 "Returns the shard specs, each pinning the model and statistics versions. No statistics "
+                 "for the model yet: skips the run, naming the DAG to run.")
     def plan(params=None, triggering_asset_events=None):
+        from moderation import orchestration
+
         model = (common.version_from_events(triggering_asset_events, common.STATS_ASSET)
                  or params["model_version"] or None)
         planned = common.no_retry(orchestration.plan_reference_index, common.settings(),
@@ -53,11 +60,15 @@ def reference_index_nightly():
                  "(quality/profiles/references/RUN/), new vectors in embeddings/MODEL/. "
                  "Gate: embeddings (dimension, unit norm, finite).")
     def embed_shard(shard: dict, run_id=None):
+        from moderation import orchestration
+
         return common.no_retry(orchestration.embed_reference_shard, common.settings(), shard, run_id=run_id)
 
     @task(doc_md="Reads: every shard's profile. Gate: decode failure rate, image sizes, duplicates "
                  "by sha256 over the whole reference set; refuses shards of another model.")
     def check_references(planned: list, shards):
+        from moderation import orchestration
+
         results = [shards[i] for i in range(len(shards))]  # indexed: no probe past the last shard
         return common.no_retry(orchestration.check_reference_batch, common.settings(), planned[0], results)
 
@@ -65,11 +76,15 @@ def reference_index_nightly():
                  "indexes/MODEL/INDEX/ then indexes/MODEL/CURRENT (only if changed), an index_versions "
                  "row. The pointer moves last: a failure leaves the previous index in force.")
     def build(planned: list, checked: dict):
+        from moderation import orchestration
+
         return common.no_retry(orchestration.build_index_version, common.settings(), planned[0])
 
     @task(doc_md="Reads: calibration/ground_truth.csv and calibration/queries/ if present. Writes: "
                  "calibrations/MODEL/STATS/CAL and a calibrations row for a new model/statistics pair.")
     def calibrate(built: dict):
+        from moderation import orchestration
+
         return common.no_retry(orchestration.calibrate_if_labelled, common.settings(), built)
 
     @task(outlets=[common.INDEX_ASSET],

@@ -20,7 +20,10 @@ from airflow.sdk import Param, dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 import moderation_dag_common as common
-from moderation import orchestration
+from moderation import layout
+
+# moderation.orchestration (torch, FAISS, great-expectations, pandas) is imported inside each task:
+# the dag-processor parses this file every few minutes and must not pay for it.
 
 
 @dag(
@@ -43,14 +46,14 @@ from moderation import orchestration
         "entropy_weight": Param(10.0, type="number", minimum=0, maximum=1000,
                                 description="KoLeo differential-entropy weight."),
         "augmentation": Param("wide", type="string", enum=["advanced", "wide", "light"]),
-        "images_prefix": Param(orchestration.TRAINING_PREFIX, type="string",
+        "images_prefix": Param(layout.TRAINING_PREFIX, type="string",
                                description="Object prefix of the training images."),
         "generated_images": Param(1000, type="integer", minimum=0, maximum=1_000_000,
                                   description="Procedurally generated images added to the pool."),
         "crop_size": Param(224, type="integer", minimum=32, maximum=1024),
         "projection_init": Param("pca", type="string", enum=["pca", "orthogonal", "default"],
                                  description="Projection start: PCA of trunk features (1024 views), or random."),
-        "validation_prefix": Param(orchestration.VALIDATION_PREFIX, type="string",
+        "validation_prefix": Param(layout.VALIDATION_PREFIX, type="string",
                                    description="Labelled validation set (references/, queries/, "
                                                "background/, ground_truth.csv); empty: none."),
         "promote": Param(True, type="boolean",
@@ -64,6 +67,8 @@ def sscd_retrain():
     @task(doc_md="Reads: the parameters, the training-image listing. Returns the TrainConfig (steps from "
                  "epochs over the image pool).")
     def plan(params=None, run_id=None):
+        from moderation import orchestration
+
         return common.no_retry(orchestration.plan_training, common.settings(), dict(params), run_id=run_id)
 
     @task(queue=common.GPU_QUEUE, pool=common.GPU_POOL, retries=1, retry_delay=timedelta(minutes=5),
@@ -72,6 +77,8 @@ def sscd_retrain():
                  "checkpoints under MODERATION_HOME/train/RUN (a retry resumes), models/MODEL/ and, when "
                  "promoted, models/CURRENT; a model_versions row.")
     def train_evaluate_publish(planned: dict):
+        from moderation import orchestration
+
         return common.no_retry(orchestration.train_and_publish_model, common.settings(), planned)
 
     @task(outlets=[common.MODEL_ASSET],

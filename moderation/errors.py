@@ -45,3 +45,15 @@ class VersionMismatchError(ModerationError):
 
 class DatabaseUnavailableError(ModerationError):
     """The review database could not be reached or dropped the connection mid-work."""
+
+
+class MissingPrerequisiteError(NotFoundError):
+    """A job ran before what it needs was produced (statistics before the index, an index before matching).
+
+    Nothing is broken and retrying soon will not help: ``producer`` names the DAG that produces the
+    missing piece, and the Airflow task turns this error into a skip that says so.
+    """
+
+    def __init__(self, message: str, producer: str):
+        self.producer = producer
+        super().__init__(message)

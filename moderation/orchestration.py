@@ -32,26 +32,21 @@ from urllib.parse import urlsplit
 from moderation import quality
 from moderation.config import Settings
 from moderation.embedding import StoreSource
-from moderation.errors import (BatchFailedError, ConfigError, ModerationError, NotFoundError,
-                               VersionMismatchError)
+from moderation.errors import (BatchFailedError, ConfigError, MissingPrerequisiteError, ModerationError,
+                               NotFoundError, VersionMismatchError)
 from moderation.images import IMAGE_SUFFIXES, sha256_hex
 from moderation.jobs import (Pipeline, build_reference_index, calibrate_labelled, reference_features, refresh_stats,
                              run_matching)
+# Defined in the import-free layout module so the DAG files can read them at parse time; kept
+# importable from here, where the task code and the tests look for them.
+from moderation.layout import (BACKGROUND_PREFIX, CALIBRATION_PREFIX, DB_CONN_ID, INDEX_DAG,  # noqa: F401
+                               PROFILES_PREFIX, QUERIES_PREFIX, REFERENCES_PREFIX, S3_CONN_ID, STATS_DAG,
+                               TRAINING_PREFIX, VALIDATION_PREFIX)
 from moderation.registry import Kind, ModelVersion, Registry
 from moderation.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 
-DB_CONN_ID = "moderation_db"
-S3_CONN_ID = "moderation_s3"
-
-REFERENCES_PREFIX = "references/"
-BACKGROUND_PREFIX = "background/"
-QUERIES_PREFIX = "queries/"
-TRAINING_PREFIX = "training/"
-VALIDATION_PREFIX = "validation/"
-CALIBRATION_PREFIX = "calibration/"
-PROFILES_PREFIX = "quality/profiles/"
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -194,6 +189,33 @@ def serving_model(p: Pipeline) -> ModelVersion:
     return current  # pin() raises the library's NotFoundError with its hint
 
 
+def require_serving_index(settings: Settings) -> dict[str, str]:
+    """The model and index matching will use; MissingPrerequisiteError when no model has an index.
+
+    Same choice as :func:`serving_model` (the current model if it has an index, else the newest that has
+    one) but read from the registry only: it registers no default model and loads nothing. The error's
+    ``producer`` is the DAG to run: the index DAG when some model has statistics, else the statistics DAG
+    (whose event starts the index DAG).
+    """
+    registry = Registry(open_store(settings))
+    current = _current_version(registry, Kind.MODEL)
+    newest_first = [r.version for r in reversed(registry.versions(Kind.MODEL))]
+    candidates = ([current] if current else []) + [v for v in newest_first if v != current]
+    for version in candidates:
+        index = _current_version(registry, Kind.INDEX, model_version=version)
+        if index is not None:
+            return {"model_version": version, "index_version": index}
+    with_stats = [v for v in candidates if _current_version(registry, Kind.STATS, model_version=v)]
+    if with_stats:
+        raise MissingPrerequisiteError(
+            f"no reference index for any model yet (statistics exist for {with_stats[0]}): the DAG {INDEX_DAG} "
+            "builds it (nightly, and after every statistics refresh); its event starts matching",
+            producer=INDEX_DAG)
+    raise MissingPrerequisiteError(
+        f"no reference index for any model yet, nor background statistics to build one: run the DAG "
+        f"{STATS_DAG} (its event starts {INDEX_DAG}, whose event starts matching)", producer=STATS_DAG)
+
+
 # -- listing, sampling, sharding -------------------------------------------------------------
 
 
@@ -276,10 +298,18 @@ def plan_reference_index(settings: Settings, *, prefix: str = REFERENCES_PREFIX,
                          max_shards: int = 16, model_version: str | None = None) -> dict[str, Any]:
     """Pin model + statistics in force, list the references, split them into shards.
 
-    Raises NotFoundError when the model has no statistics yet (run the
-    statistics DAG first) and BatchFailedError when the prefix is empty.
+    Raises MissingPrerequisiteError (a NotFoundError) naming the statistics
+    DAG when the model has no statistics yet, found from the registry before
+    anything is registered or loaded, and BatchFailedError when the prefix is
+    empty.
     """
     p = open_pipeline(settings, model_version)
+    pinned = model_version or _current_version(p.registry, Kind.MODEL)
+    if pinned is None or _current_version(p.registry, Kind.STATS, model_version=pinned) is None:
+        raise MissingPrerequisiteError(
+            f"no background statistics for model {pinned or '(none registered yet)'}: the DAG {STATS_DAG} "
+            "fits them (weekly, and after every promotion; trigger it once on a new installation), and its "
+            "event starts this DAG", producer=STATS_DAG)
     model = p.current_model()
     stats = p.current_stats(model)
     if stats.model_version != model.version:
@@ -431,8 +461,11 @@ def embed_query_batch(settings: Settings, batch: str,
                       limits: quality.QualityLimits | None = None) -> dict[str, Any]:
     """Embed the day's queries with the serving model into the cache; embeddings gate.
 
-    Returns the model version the matching task must use.
+    Returns the model version the matching task must use. Raises
+    MissingPrerequisiteError before embedding anything when no model has an
+    index to match against.
     """
+    require_serving_index(settings)
     p = open_pipeline(settings)
     model = serving_model(p)
     result = p.embed(p.load(model), StoreSource(settings, batch), "queries")

@@ -194,7 +194,10 @@ def configure_airflow(home: Path, *, tag: str = "test") -> Stack:
     home.mkdir(parents=True, exist_ok=True)
     suffix = f"{tag}_{os.getpid()}"
     meta_db, review_db = f"af_meta_{suffix}", f"af_review_{suffix}"
-    meta_url = create_database(meta_db)
+    create_database(meta_db)
+    # Airflow's own database on psycopg2, as in production: with psycopg 3 its asset-graph query fails
+    # (``jsonb #> character varying``). The review database stays on psycopg 3.
+    meta_url = pg_url(meta_db, "postgresql+psycopg2")
     review_url = create_database(review_db)
     moto = MotoServer()
     proxy = FaultProxy(moto.port)

@@ -92,6 +92,7 @@ def test_stats_index_matching_retry_and_rerun(stack, dags, pipeline, data):
     published = pipeline.registry.versions(Kind.INDEX, model_version=model.version)
     assert all(pipeline.store.exists(f"indexes/{model.version}/{v.version}/manifest.json") for v in published)
     assert h.asset_events("moderation_index")[-1]["index_version"] == index.version
+    assert "moderation_index" in h.queued_runs("query_matching_daily")  # the new index queues matching
     with pipeline.db.session() as s:
         from sqlalchemy import text
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -32,10 +32,20 @@ def bag(tmp_path_factory):
         yield bag, list(caught)
 
 
+def _airflows_own(w: warnings.WarningMessage) -> bool:
+    """Airflow 3.3 reading any glob ``.airflowignore`` warns about pathspec's renamed pattern class.
+
+    That warning is raised inside Airflow for every deployment with an ignore file; it says nothing about
+    our DAG files, so it alone is let through.
+    """
+    return "GitWildMatchPattern" in str(w.message) and ("file_discovery" in w.filename or "pathspec" in w.filename)
+
+
 def test_dag_files_import_without_errors_or_warnings(bag):
     dagbag, caught = bag
     assert dagbag.import_errors == {}
-    assert not caught, [f"{w.filename}:{w.lineno}: {w.message}" for w in caught]
+    ours = [w for w in caught if not _airflows_own(w)]
+    assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
     assert not getattr(dagbag, "dag_warnings", None)
     assert set(dagbag.dags) == set(EXPECTED)
 
@@ -72,7 +82,10 @@ def test_schedules_and_asset_wiring(bag):
     assert isinstance(stats.timetable, AssetOrTimeSchedule) and scheduled_on(stats) == {"moderation_model"}
     assert isinstance(index.timetable, AssetOrTimeSchedule) and scheduled_on(index) == {"moderation_stats"}
     assert index.timetable.timetable.expression == "0 2 * * *"
-    assert isinstance(match.timetable, CronTriggerTimetable) and match.timetable.expression == "0 6 * * *"
+    # matching follows a new index (a promotion's whole rebuild ends there) as well as its daily cron
+    assert isinstance(match.timetable, AssetOrTimeSchedule) and scheduled_on(match) == {"moderation_index"}
+    assert isinstance(match.timetable.timetable, CronTriggerTimetable)
+    assert match.timetable.timetable.expression == "0 6 * * *"
     assert retrain.timetable.can_be_scheduled is False
 
     def outlets(dag, task_id):
@@ -84,6 +97,18 @@ def test_schedules_and_asset_wiring(bag):
     assert outlets(match, "gate_flagged") == {"moderation_match_runs"}
     # the reference shards are a mapped task
     assert type(index.get_task("embed_shard")).__name__ in ("MappedOperator", "DecoratedMappedOperator")
+
+
+def test_matching_resolves_the_pending_day_for_every_kind_of_run(bag):
+    """Cron runs have a logical date; asset-triggered runs have none, only the time they were triggered."""
+    from types import SimpleNamespace
+
+    resolve = bag[0].dags["query_matching_daily"].get_task("resolve_batch").python_callable
+    six_am = datetime(2026, 11, 30, 6, 0, tzinfo=timezone.utc)
+    assert resolve(params={"date": ""}, logical_date=six_am, dag_run=None) == "queries/2026-11-29/"
+    triggered = SimpleNamespace(run_after=datetime(2026, 11, 30, 2, 41, tzinfo=timezone.utc))
+    assert resolve(params={"date": ""}, logical_date=None, dag_run=triggered) == "queries/2026-11-29/"
+    assert resolve(params={"date": "2026-11-20"}, logical_date=None, dag_run=triggered) == "queries/2026-11-20/"
 
 
 def test_gpu_routing_and_params_schema(bag):
@@ -112,3 +137,16 @@ def test_gpu_routing_and_params_schema(bag):
     assert validated(match, {"date": "2026-11-29"})["date"] == "2026-11-29"
     with pytest.raises(ParamValidationError):
         validated(match, {"date": "29/11/2026"})
+
+
+def test_metadata_database_serves_the_asset_graph(bag):
+    """The UI's asset graph reads every DAG's dependencies with Postgres' ``#>`` JSON-path operator.
+
+    psycopg 3 binds the path as a typed varchar (``operator does not exist: jsonb #> character
+    varying``, even on an empty table); psycopg2 inlines it. Airflow's own database must use psycopg2.
+    """
+    from airflow.models.serialized_dag import SerializedDagModel
+    from airflow.settings import engine
+
+    assert engine.dialect.driver == "psycopg2"
+    SerializedDagModel.get_dag_dependencies()

@@ -89,6 +89,28 @@ def test_gpu_worker_reserves_a_gpu_and_serves_the_dags_gpu_queue(compose):
     assert "queue=common.GPU_QUEUE, pool=common.GPU_POOL" in retrain
 
 
+def _hours_of_training(dag_source: str) -> float:
+    """The retrain task's execution limit, read from its DAG file (``execution_timeout=timedelta(hours=N)``)."""
+    found = re.findall(r"execution_timeout=timedelta\(hours=(\d+(?:\.\d+)?)\)", dag_source)
+    assert len(found) == 1, found
+    return float(found[0])
+
+
+def test_celery_outlives_the_longest_task_and_workers_wait_for_a_busy_api(compose):
+    training_s = _hours_of_training((REPO / "dags" / "sscd_retrain.py").read_text()) * 3600
+    assert training_s == 48 * 3600
+    for name in AIRFLOW_SERVICES:
+        env = _env(compose["services"][name])
+        # Redis redelivers a task not acknowledged within the visibility timeout (acks are late): a
+        # timeout under the training limit would start the same training twice on the GPU worker.
+        visibility = float(env["AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT"])
+        assert visibility > training_s, name
+        assert visibility <= 2 * training_s, name  # a lost worker's task still comes back within days
+        # The task SDK's HTTP timeout to the execution API (default 5 s) under a loaded api-server.
+        api_timeout = float(env["AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT"])
+        assert 5 < api_timeout <= 60, name
+
+
 def test_images_are_pinned_and_none_is_the_withdrawn_minio(compose):
     for name, service in compose["services"].items():
         image = service.get("image", "")
@@ -110,6 +132,10 @@ def test_airflow_services_share_config_and_the_dag_connections(compose, env_exam
         assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
         assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:")
         assert "@postgres:5432/" in env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+        # Airflow's own database on psycopg2 (psycopg 3 breaks the UI's asset graph query); the
+        # review database (AIRFLOW_CONN_MODERATION_DB, checked below) stays on psycopg 3
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://"), name
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql+psycopg2://"), name
         assert env["AIRFLOW__CORE__DAGS_FOLDER"] == "/opt/moderation/dags"
         assert env["AIRFLOW__API_AUTH__JWT_SECRET"]  # all components must share it
         assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"].startswith("http://airflow-apiserver:8080/")
@@ -162,6 +188,11 @@ def test_dockerfile_and_init_script():
     for src in re.findall(r"^COPY --chown=\S+ (.+) \S+$", dockerfile, re.M):
         for path in src.split():
             assert (REPO / path).exists(), path
+    # the Celery provider, redis and psycopg2 come from the project's airflow extra, pinned by constraints.txt
+    assert re.search(r'pip install [^\n]*-c constraints\.txt -e "\.\[\$\{EXTRAS\},airflow\]"', dockerfile)
+    assert "apache-airflow[celery]" not in dockerfile
+    for package in ("apache-airflow-providers-celery", "redis", "psycopg2-binary"):
+        assert re.search(rf"^{package}==\S+$", constraints, re.M), package
     init = (DOCKER / "init.sh").read_text()
     for step in ("airflow db migrate", "pools set gpu", "Pipeline.open(settings)", "create database"):
         assert step in init, step

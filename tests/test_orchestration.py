@@ -180,3 +180,58 @@ def test_training_plan_from_parameters(settings):
 
     with pytest.raises(BatchFailedError):
         orch.plan_training(settings, {"images_prefix": "none/", "generated_images": 0})
+
+
+# -- missing prerequisites: a run that came too early skips, naming the DAG to run --------------
+
+
+@pytest.fixture
+def empty_settings(pg_url, s3_server, s3_bucket, tmp_path):
+    from moderation.config import Settings
+
+    return Settings.from_env({**s3_env(s3_server, s3_bucket), "MODERATION_DATABASE_URL": pg_url,
+                              "MODERATION_HOME": str(tmp_path), "MODERATION_DEVICE": "cpu"})
+
+
+def test_index_without_statistics_names_the_statistics_dag(empty_settings):
+    from moderation.errors import MissingPrerequisiteError, NotFoundError
+    from moderation.registry import Kind
+    from moderation.store import open_store
+
+    with pytest.raises(MissingPrerequisiteError, match="no background statistics") as caught:
+        orch.plan_reference_index(empty_settings)
+    assert caught.value.producer == "background_stats_refresh"
+    assert "background_stats_refresh" in str(caught.value)
+    assert isinstance(caught.value, NotFoundError)  # callers catching the library's error still do
+    # finding out has no side effect: no default model was registered on the way
+    assert orch.Registry(open_store(empty_settings)).versions(Kind.MODEL) == []
+
+
+def test_matching_without_an_index_names_the_dag_that_builds_it(empty_settings):
+    from moderation.errors import MissingPrerequisiteError
+
+    with pytest.raises(MissingPrerequisiteError) as caught:
+        orch.require_serving_index(empty_settings)
+    # nothing at all yet: the statistics come first, their event starts the index DAG
+    assert caught.value.producer == "background_stats_refresh"
+    assert "reference_index_nightly" in str(caught.value)
+
+
+def test_matching_prerequisites_follow_the_serving_chain(settings):
+    """Runs last in this file: it takes the index pointer away from the chain the tests above built."""
+    from moderation.errors import MissingPrerequisiteError
+    from moderation.registry import POINTER, Kind
+
+    p = orch.open_pipeline(settings)
+    served = orch.serving_model(p)
+    assert served.version != p.current_model().version  # the promoted model has no index: the old one serves
+    index = p.registry.current(Kind.INDEX, model_version=served.version)
+    assert orch.require_serving_index(settings) == {"model_version": served.version,
+                                                    "index_version": index.version}
+    # statistics exist but no model has an index in force: the index DAG is the one to run
+    p.store.delete(f"indexes/{served.version}/{POINTER}")
+    with pytest.raises(MissingPrerequisiteError) as caught:
+        orch.require_serving_index(settings)
+    assert caught.value.producer == "reference_index_nightly"
+    with pytest.raises(MissingPrerequisiteError):  # and nothing gets embedded for nothing
+        orch.embed_query_batch(settings, "queries/2026-01-01/")
