@@ -23,7 +23,7 @@ def _source(args, settings: Settings):
         folder = Path(args.images)
         if not folder.is_dir():
             raise ModerationError(f"--images {folder}: not a folder")
-        return FolderSource(folder.resolve())
+        return FolderSource(folder.resolve(), max_bytes=settings.max_file_bytes)
     if getattr(args, "prefix", None):
         return StoreSource(settings, args.prefix)
     raise ModerationError("give --images DIR (a local folder) or --prefix KEY_PREFIX (object store)")

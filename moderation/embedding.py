@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from moderation.config import ResizeMode, Settings
-from moderation.errors import BatchFailedError
-from moderation.images import (Failure, ImageRef, decode_image, image_id_from, list_image_files,
-                               normalise_batch, preprocess_uint8, sha256_hex)
+from moderation.errors import BadImageError, BatchFailedError
+from moderation.images import (Failure, ImageRef, decode_image, image_id_from, list_image_entries,
+                               normalise_batch, preprocess_uint8, read_image_file, sha256_hex)
 from moderation.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -40,15 +40,22 @@ class ImageSource(Protocol):
 
 @dataclass(frozen=True)
 class FolderSource:
-    """Image files under a local folder; ids are file stems."""
+    """Image files under a local folder; ids are file stems.
+
+    Never leaves the folder: links, FIFOs and devices are listed so that each
+    is recorded as a failure with its reason, never read
+    (:func:`moderation.images.read_image_file`); a file larger than
+    ``max_bytes`` is refused from its size, before it is read.
+    """
 
     root: Path
+    max_bytes: int | None = None
 
     def refs(self) -> list[ImageRef]:
-        return [ImageRef(image_id_from(p.name), str(p)) for p in list_image_files(Path(self.root))]
+        return [ImageRef(image_id_from(p.name), str(p)) for p in list_image_entries(Path(self.root))]
 
     def read(self, location: str) -> bytes:
-        return Path(location).read_bytes()
+        return read_image_file(Path(self.root), Path(location), self.max_bytes)
 
 
 @dataclass(frozen=True)
@@ -183,6 +190,8 @@ def read_input(source: ImageSource, ref: ImageRef) -> tuple[bytes, str, str]:
         return b"", "bad_name", "file name is not valid UTF-8; rename the file"
     try:
         return source.read(ref.location), "", ""
+    except BadImageError as exc:  # refused by the source itself (a link, a FIFO, too large)
+        return b"", exc.reason, exc.detail
     except Exception as exc:
         return b"", "unreadable", f"{type(exc).__name__}: {exc}"
 

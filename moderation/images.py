@@ -2,8 +2,10 @@
 
 Policy for bad input: every problem raises ``BadImageError`` with a short
 reason code (``empty``, ``too_large_file``, ``not_an_image``, ``truncated``,
-``decompression_bomb``, ``unreadable``); callers record the reason and move
-on to the next image. Nothing here ever lets PIL warn-and-continue on a
+``decompression_bomb``, ``extreme_shape``, ``unreadable``; reading a folder
+adds ``symlink``, ``not_a_file``, ``outside_root``); callers record the
+reason and move on to the next image. Only the formats in
+``ALLOWED_FORMATS`` are decoded. Nothing here ever lets PIL warn-and-continue on a
 decompression bomb or silently load a truncated file.
 """
 
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,15 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 # Truncated files must fail, not decode to grey padding.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Decoders an upload may reach: raster formats users upload. Nothing that shells out
+# (PostScript/EPS runs Ghostscript) or that nobody uploads.
+Image.init()  # registers every plugin, so the list below can name them
+ALLOWED_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF") if f in Image.OPEN)
+# A 116 KB PNG of 1 x 60,000,000 pixels is within any pixel limit and still costs gigabytes:
+# sides and aspect ratio are limited too.
+MAX_SIDE_PX = 30_000
+MAX_ASPECT = 50.0
 
 
 @dataclass(frozen=True)
@@ -77,12 +90,18 @@ def decode_image(data: bytes, max_pixels: int = 64_000_000, max_bytes: int = 50_
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            # Pillow's own bomb limit (89 MP by default) would override ours both ways and quote its
+            # own number: ours, checked on the header right below, is the only one.
+            Image.MAX_IMAGE_PIXELS = None
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             w, h = img.size
             if w * h > max_pixels:
                 raise BadImageError("decompression_bomb", f"{w}x{h} pixels > limit {max_pixels}")
             if w < 1 or h < 1:
                 raise BadImageError("not_an_image", "zero-sized image")
+            if max(w, h) > MAX_SIDE_PX or max(w, h) / min(w, h) > MAX_ASPECT:
+                raise BadImageError("extreme_shape", f"{w}x{h} pixels: a side over {MAX_SIDE_PX} px or an "
+                                                     f"aspect ratio over {MAX_ASPECT:g}")
             if min_size and img.format == "JPEG" and min(w, h) >= 2 * min_size:
                 img.draft(img.mode if img.mode in ("CMYK", "L") else "RGB", (min_size, min_size))
             img.load()
@@ -91,7 +110,8 @@ def decode_image(data: bytes, max_pixels: int = 64_000_000, max_bytes: int = 50_
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImageError("decompression_bomb", str(exc)) from None
     except UnidentifiedImageError:
-        raise BadImageError("not_an_image", "not a recognised image format") from None
+        raise BadImageError("not_an_image", "not a recognised image format (accepted: "
+                                            f"{', '.join(ALLOWED_FORMATS)})") from None
     except OSError as exc:
         msg = str(exc)
         reason = "truncated" if "truncated" in msg or "broken data stream" in msg else "unreadable"
@@ -164,12 +184,55 @@ def normalise_batch(batch: torch.Tensor) -> torch.Tensor:
     return (batch.float() - mean) / std
 
 
-def list_image_files(folder: Path) -> list[Path]:
-    """Image files directly or recursively under ``folder``, sorted, by suffix.
+def list_image_entries(folder: Path) -> list[Path]:
+    """Every entry under ``folder`` whose name has an image suffix, sorted, links not followed.
 
-    Raises NotADirectoryError (with the path) if ``folder`` is not a folder.
+    Includes what is not a regular file (symbolic links, dangling or not,
+    FIFOs, device files) so that reading it records a failure with its
+    reason instead of the entry vanishing silently. Linked folders are not
+    descended. Raises NotADirectoryError (with the path) if ``folder`` is not a folder.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder of images")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    out = []
+    for dirpath, _dirnames, filenames in os.walk(folder, followlinks=False):
+        out += [Path(dirpath) / name for name in filenames if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(out)
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """The regular image files under ``folder`` (no links, FIFOs or devices), sorted.
+
+    Raises NotADirectoryError (with the path) if ``folder`` is not a folder.
+    """
+    return [p for p in list_image_entries(folder) if stat.S_ISREG(os.lstat(p).st_mode)]
+
+
+def read_image_file(root: Path, path: Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of an image file inside ``root``, refusing what an image folder must not lead to.
+
+    Raises BadImageError with reason ``symlink`` (links are never followed:
+    a link could point at /etc/shadow or another folder's photos),
+    ``not_a_file`` (FIFO, device, socket, folder), ``outside_root``, or
+    ``too_large_file`` (checked on the file's size before anything is read,
+    and the read itself stops past ``max_bytes``). OSError for a file that
+    vanished.
+    """
+    path = Path(path)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise BadImageError("symlink", "a symbolic link; links are not followed out of an image folder: "
+                                       "copy the file in instead")
+    if not stat.S_ISREG(st.st_mode):
+        raise BadImageError("not_a_file", "not a regular file (a FIFO, device, socket or folder)")
+    if not path.resolve().is_relative_to(Path(root).resolve()):
+        raise BadImageError("outside_root", f"resolves outside the image folder {root}")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise BadImageError("too_large_file", f"{st.st_size} bytes > limit {max_bytes}")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(-1 if max_bytes is None else max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:  # grew since the stat
+        raise BadImageError("too_large_file", f"more than {max_bytes} bytes")
+    return data

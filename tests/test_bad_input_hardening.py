@@ -1,0 +1,93 @@
+"""Hostile folder entries and files (hardening issue, items 1-6): refused with a reason, never followed."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from moderation.embedding import FolderSource, embed
+from moderation.errors import BadImageError
+from moderation.images import decode_image, list_image_files, read_image_file
+
+
+def png(size=(40, 30), colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    root, outside = tmp_path / "queries", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "private.png").write_bytes(png(colour=(1, 2, 3)))
+    (root / "good.png").write_bytes(png())
+    os.symlink(outside / "private.png", root / "link.png")
+    os.symlink("/etc/shadow", root / "shadow.jpg")
+    os.symlink(root / "missing.png", root / "dangling.png")
+    os.symlink(root / "loop.png", root / "loop.png")
+    os.mkfifo(root / "pipe.jpg")
+    os.symlink(outside, root / "linked-folder")
+    return root
+
+
+def test_links_fifos_and_linked_folders_are_refused_with_reasons(hostile, fast_settings):
+    import torch
+
+    result = embed(lambda x: torch.zeros(x.shape[0], 4), FolderSource(hostile), fast_settings)
+    assert result.ids == ["good"]
+    reasons = {f.image_id: f.reason for f in result.failures}
+    assert reasons == {"link": "symlink", "shadow": "symlink", "dangling": "symlink", "loop": "symlink",
+                       "pipe": "not_a_file"}
+    assert "private" not in reasons  # the linked folder is not descended
+    assert list_image_files(hostile) == [hostile / "good.png"]
+
+
+def test_reading_refuses_links_and_leaving_the_root(hostile, tmp_path):
+    with pytest.raises(BadImageError) as exc:
+        FolderSource(hostile).read(str(hostile / "link.png"))
+    assert exc.value.reason == "symlink"
+    with pytest.raises(BadImageError) as exc:
+        read_image_file(hostile, tmp_path / "elsewhere" / "private.png")
+    assert exc.value.reason == "outside_root"
+    assert read_image_file(hostile, hostile / "good.png") == (hostile / "good.png").read_bytes()
+
+
+def test_a_huge_file_is_refused_from_its_size_before_it_is_read(tmp_path):
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as fh:
+        fh.truncate(3 * 1024 ** 3)  # 3 GiB, sparse: costs no disk, would cost memory if read
+    with pytest.raises(BadImageError) as exc:
+        FolderSource(tmp_path, max_bytes=50_000_000).read(str(big))
+    assert exc.value.reason == "too_large_file" and "50000000" in exc.value.detail
+
+
+def test_a_thin_image_within_the_pixel_limit_is_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.new("L", (3_000_000, 1), 0).save(buf, format="PNG")
+    with pytest.raises(BadImageError) as exc:
+        decode_image(buf.getvalue(), max_pixels=64_000_000)
+    assert exc.value.reason == "extreme_shape"
+    assert decode_image(png((600, 40))).size == (600, 40)  # a banner is fine
+
+
+def test_postscript_never_reaches_ghostscript():
+    eps = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 20 20\n"
+           b"newpath 0 0 moveto 20 20 lineto stroke showpage\n%%EOF\n")
+    with pytest.raises(BadImageError) as exc:
+        decode_image(eps)
+    assert exc.value.reason == "not_an_image" and "JPEG" in exc.value.detail
+
+
+def test_our_pixel_limit_replaces_pillows(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's own limit, far below ours
+    assert decode_image(png((100, 100)), max_pixels=64_000_000).size == (100, 100)
+    with pytest.raises(BadImageError) as exc:
+        decode_image(png((100, 100)), max_pixels=5000)
+    assert exc.value.reason == "decompression_bomb" and "5000" in exc.value.detail
+    assert np.asarray(decode_image(png((30, 20)))).shape == (20, 30, 3)
