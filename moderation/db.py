@@ -364,12 +364,13 @@ class Database:
                        "evidence_key", "heatmap_key")})
             s.execute(stmt)
 
-    def fail_run(self, batch: str, message: str) -> None:
+    def fail_run(self, batch: str, message: str, failures: dict[str, Any] | None = None) -> None:
+        """Mark the batch's run failed with ``message``, keeping the per-image ``failures`` if known."""
         with self.session() as s, s.begin():
             row = s.scalar(select(MatchRunRow).where(MatchRunRow.batch == batch))
             if row is not None and row.status != "complete":
                 row.status = "failed"
-                row.failures = {**(row.failures or {}), "error": message[:2000]}
+                row.failures = {**(row.failures or {}), **_jsonable(failures or {}), "error": message[:2000]}
                 row.finished_at = utcnow()
 
     def run(self, batch: str) -> MatchRunRow | None:

@@ -364,6 +364,7 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
     if pinned.calibration:
         p.db.record_calibration(pinned.calibration)
     run_id = p.db.start_run(run)
+    failures = None
     try:
         result, config, locations, loaded = _two_stage(p, pinned, source, combiner=combiner)
         failures = _failure_summary(result)
@@ -397,7 +398,7 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
         p.db.finish_run(run, pairs)
     except BaseException as exc:
         try:
-            p.db.fail_run(batch, f"{type(exc).__name__}: {exc}")
+            p.db.fail_run(batch, f"{type(exc).__name__}: {exc}", failures)
         except Exception as mark_exc:  # the database may be what failed: keep the original error
             log.error("could not mark batch %s as failed: %s", batch, mark_exc)
         raise

@@ -191,3 +191,32 @@ def test_matching_in_chunks_equals_one_pass_and_dedupes_ids_across_chunks(tmp_pa
         top = {c.query_id: c for c in r.candidates if c.rank == 1}
         assert sum(top[f"Q{i}"].reference_id == f"R{i}" for i in range(5)) >= 4
         assert all(top[q].verification is not None for q in top)
+
+
+def test_a_batch_over_the_failure_limit_keeps_its_per_image_reasons(tmp_path):
+    import json
+
+    from conftest import fast_env
+    from local_images import textured
+    from moderation.embedding import FolderSource
+    from moderation.errors import BatchFailedError
+    from moderation.jobs import Pipeline, build_reference_index, refresh_stats, run_matching
+
+    for sub in ("bg", "refs", "q"):
+        (tmp_path / sub).mkdir()
+    for i in range(6):
+        textured(700 + i, size=(96, 80), shapes=30).save(tmp_path / "bg" / f"B{i}.png")
+        textured(800 + i, size=(96, 80), shapes=30).save(tmp_path / "refs" / f"R{i}.png")
+    textured(900, size=(96, 80), shapes=30).save(tmp_path / "q" / "good.png")
+    for i in range(3):
+        (tmp_path / "q" / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    p = Pipeline.open(Settings.from_env(fast_env(tmp_path / "home")))
+    refresh_stats(p, FolderSource(tmp_path / "bg"))
+    build_reference_index(p, FolderSource(tmp_path / "refs"))
+    with pytest.raises(BatchFailedError, match="3 of 4"):
+        run_matching(p, FolderSource(tmp_path / "q"), "bad-day")
+    run = p.db.run("bad-day")
+    assert run.status == "failed" and run.failures["count"] == 3
+    assert {f["image_id"] for f in run.failures["images"]} == {"broken0", "broken1", "broken2"}
+    stored = [k for k in p.store.list("runs/") if k.endswith("failures.json")]
+    assert len(stored) == 1 and json.loads(p.store.get(stored[0]))["count"] == 3
