@@ -79,7 +79,12 @@ class StoreSource:
         return [ImageRef(image_id_from(k), k) for k in keys]
 
     def read(self, location: str) -> bytes:
-        return _worker_store(self.settings).get(location)
+        """The object's bytes; BadImageError ``too_large_file`` from its size, before it is fetched."""
+        store = _worker_store(self.settings)
+        size = store.size(location)
+        if size > self.settings.max_file_bytes:
+            raise BadImageError("too_large_file", f"{size} bytes > limit {self.settings.max_file_bytes}")
+        return store.get(location)
 
 
 _STORES: dict[str, ObjectStore] = {}

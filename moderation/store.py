@@ -69,6 +69,10 @@ class ObjectStore(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
+    def size(self, key: str) -> int:
+        """The object's size in bytes, without reading it; NotFoundError if absent."""
+
+    @abstractmethod
     def list(self, prefix: str = "") -> Iterator[str]: ...
 
     @abstractmethod
@@ -125,6 +129,12 @@ class LocalStore(ObjectStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"no object {key!r} in {self.url}") from None
 
     def list(self, prefix: str = "") -> Iterator[str]:
         keys = []
@@ -213,10 +223,13 @@ class S3Store(ObjectStore):
 
     def exists(self, key: str) -> bool:
         try:
-            self._call("stat", self.client.stat_object, self.bucket, self._key(key))
+            self.size(key)
             return True
         except NotFoundError:
             return False
+
+    def size(self, key: str) -> int:
+        return int(self._call("stat", self.client.stat_object, self.bucket, self._key(key)).size)
 
     def list(self, prefix: str = "") -> Iterator[str]:
         start = len(self.prefix)

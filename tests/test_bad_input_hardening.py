@@ -91,3 +91,25 @@ def test_our_pixel_limit_replaces_pillows(monkeypatch):
         decode_image(png((100, 100)), max_pixels=5000)
     assert exc.value.reason == "decompression_bomb" and "5000" in exc.value.detail
     assert np.asarray(decode_image(png((30, 20)))).shape == (20, 30, 3)
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_an_object_larger_than_the_limit_is_refused_from_its_size(backend, tmp_path, request):
+    from conftest import fast_env, s3_env
+    from moderation.config import Settings
+    from moderation.embedding import StoreSource
+    from moderation.store import open_store
+
+    env = fast_env(tmp_path / "home")
+    if backend == "s3":
+        env.update(s3_env(request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")))
+    settings = Settings.from_env({**env, "MODERATION_MAX_FILE_BYTES": "1000"})
+    store = open_store(settings)
+    store.put("queries/big.png", png((300, 300)) + b"\0" * 2000)
+    store.put("queries/small.png", png((10, 10)))
+    assert store.size("queries/small.png") == len(png((10, 10)))
+    source = StoreSource(settings, "queries/")
+    assert source.read("queries/small.png") == png((10, 10))
+    with pytest.raises(BadImageError) as exc:
+        source.read("queries/big.png")
+    assert exc.value.reason == "too_large_file" and "1000" in exc.value.detail

@@ -41,6 +41,9 @@ class CrashOnPointer(ObjectStore):
     def exists(self, key):
         return self.inner.exists(key)
 
+    def size(self, key):
+        return self.inner.size(key)
+
     def list(self, prefix=""):
         return self.inner.list(prefix)
 
