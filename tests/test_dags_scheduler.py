@@ -251,6 +251,13 @@ def test_chain_runs_by_itself_under_scheduler(stack, tmp_path):
         airflow.unpause(STATS)
 
         def matched():
+            # a retry or a failure anywhere fails the test now, not after the chain's whole time bound
+            for dag_id in CHAIN:
+                for r in airflow.runs(dag_id):
+                    if r["state"] in ACTIVE:
+                        bad = {t: st for t, st in _ti_states(airflow, dag_id, r["dag_run_id"]).items()
+                               if st[0] in ("failed", "up_for_retry", "upstream_failed") or st[1] > 1}
+                        assert not bad, (dag_id, r["dag_run_id"], bad, airflow.diagnostics())
             for r in airflow.runs(MATCH):
                 if r["dag_run_id"] in early_ids[MATCH] or r["state"] in ACTIVE:
                     continue
