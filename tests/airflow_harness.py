@@ -183,12 +183,14 @@ class Stack:
         self.moto.stop()
 
 
-def configure_airflow(home: Path, *, tag: str = "test") -> Stack:
+def configure_airflow(home: Path, *, tag: str = "test", in_process: bool = True) -> Stack:
     """Start S3 + proxy, create the databases, migrate Airflow's database; returns the stack.
 
-    The environment is applied by :func:`environment`, around the tests that use it.
+    The environment is applied by :func:`environment`, around the tests that use it. A stack whose
+    Airflow runs only in subprocesses (``in_process=False``: a real scheduler) does not care whether
+    this process imported ``airflow`` already.
     """
-    if "airflow" in sys.modules:
+    if in_process and "airflow" in sys.modules:
         raise RuntimeError("airflow was imported before configure_airflow(); its settings are fixed")
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
