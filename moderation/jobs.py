@@ -24,6 +24,7 @@ from moderation.embedding import (EmbeddingResult, ImageSource, VectorCache, che
                                   dedupe_ids, embed)
 from moderation.errors import NotFoundError, VersionMismatchError
 from moderation.images import sha256_hex
+from moderation.layout import INDEX_DAG, STATS_DAG
 from moderation.index import ReferenceIndex, build_index
 from moderation.matching import candidates_csv, flagged, verification_csv
 from moderation.metrics import read_ground_truth
@@ -76,7 +77,8 @@ class Pipeline:
         except NotFoundError:
             raise NotFoundError(
                 f"no background statistics for model {model.version}: run "
-                "`moderation stats refresh --images BACKGROUND_DIR` first") from None
+                "`moderation stats refresh --images BACKGROUND_DIR` (on Airflow: the DAG "
+                f"{STATS_DAG}) first") from None
 
     def current_index(self, model: ModelVersion) -> IndexVersion:
         try:
@@ -84,7 +86,8 @@ class Pipeline:
         except NotFoundError:
             raise NotFoundError(
                 f"no reference index for model {model.version}: run "
-                "`moderation index build --images REFERENCES_DIR` first") from None
+                "`moderation index build --images REFERENCES_DIR` (on Airflow: the DAG "
+                f"{INDEX_DAG}) first") from None
 
     def load_stats(self, stats: StatsVersion) -> tuple[Postprocessor, BackgroundIndex]:
         post = Postprocessor.from_bytes(self.registry.load(Kind.STATS, stats, "stats.npz"))

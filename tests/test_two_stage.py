@@ -220,3 +220,17 @@ def test_a_batch_over_the_failure_limit_keeps_its_per_image_reasons(tmp_path):
     assert {f["image_id"] for f in run.failures["images"]} == {"broken0", "broken1", "broken2"}
     stored = [k for k in p.store.list("runs/") if k.endswith("failures.json")]
     assert len(stored) == 1 and json.loads(p.store.get(stored[0]))["count"] == 3
+
+
+def test_missing_prerequisites_name_the_command_and_the_dag(tmp_path):
+    from conftest import fast_env
+    from moderation.errors import NotFoundError
+    from moderation.jobs import Pipeline, pin
+
+    p = Pipeline.open(Settings.from_env(fast_env(tmp_path / "home")))
+    with pytest.raises(NotFoundError) as exc:
+        p.current_stats(p.current_model())
+    assert "moderation stats refresh" in str(exc.value) and "background_stats_refresh" in str(exc.value)
+    with pytest.raises(NotFoundError) as exc:
+        pin(p)
+    assert "moderation index build" in str(exc.value) and "reference_index_nightly" in str(exc.value)
