@@ -201,6 +201,13 @@ def read_input(source: ImageSource, ref: ImageRef) -> tuple[bytes, str, str]:
         return b"", "unreadable", f"{type(exc).__name__}: {exc}"
 
 
+def skipped(ref: ImageRef, reason: str, detail: str) -> Failure:
+    """The Failure record of an image that was skipped (names made printable), logged once."""
+    failure = Failure(printable(ref.image_id), printable(ref.location), reason, detail)
+    log.warning("skipped image %s (%s): %s %s", failure.image_id, failure.location, reason, detail)
+    return failure
+
+
 def printable(name: str) -> str:
     """A name that may hold undecodable bytes (surrogate escapes), made safe to log and store."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -263,9 +270,7 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
             for i, sha, tensor, reason, detail in batch:
                 ref = refs[i]
                 if reason:
-                    ref = ImageRef(printable(ref.image_id), printable(ref.location))
-                    failures.append(Failure(ref.image_id, ref.location, reason, detail))
-                    log.warning("skipped image %s (%s): %s %s", ref.image_id, ref.location, reason, detail)
+                    failures.append(skipped(ref, reason, detail))
                 elif tensor is None:
                     vectors[i] = cache.get(sha)
                     shas[i] = sha

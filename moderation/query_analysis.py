@@ -15,7 +15,6 @@ features (and so no verification), never an error.
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,12 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from moderation.config import ResizeMode, Settings
 from moderation.embedding import (ImageSource, VectorCache, collate_items, forward_batch, init_decode_worker,
-                                  printable, read_input)
+                                  read_input, skipped)
 from moderation.images import Failure, ImageRef, decode_image, preprocess_uint8, sha256_hex
 from moderation.local_features import FeatureConfig, LocalFeatures, extract
 from moderation.views import ViewConfig, plan_views, render
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,9 +124,7 @@ def analyse_queries(model: Callable, source: ImageSource, settings: Settings, vi
             todo = []
             for i, sha, payload, reason, detail in batch:
                 if reason:
-                    ref = ImageRef(printable(refs[i].image_id), printable(refs[i].location))
-                    failures.append(Failure(ref.image_id, ref.location, reason, detail))
-                    log.warning("skipped image %s (%s): %s %s", ref.image_id, ref.location, reason, detail)
+                    failures.append(skipped(refs[i], reason, detail))
                 else:
                     todo.append((i, sha, payload))
             if not todo:

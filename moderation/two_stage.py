@@ -163,6 +163,11 @@ def match_queries(model: Callable, source, settings: Settings, config: TwoStageC
     return out
 
 
+def _final_order(c: Candidate):
+    """Best final score first; ties by the global score, then by id (deterministic ranks)."""
+    return -c.score, -(c.global_score or 0.0), c.reference_id
+
+
 def _view_kind(name: str) -> str:
     return name.split("_", 1)[0]
 
@@ -203,7 +208,7 @@ def match_analysis(analysis: QueryAnalysis, settings: Settings, config: TwoStage
         by_query.setdefault(c.query_id, []).append(c)
     out: list[Candidate] = []
     for qid in ids:
-        ranked = sorted(by_query.get(qid, []), key=lambda c: (-c.score, -(c.global_score or 0.0), c.reference_id))
+        ranked = sorted(by_query.get(qid, []), key=_final_order)
         if not keep_all:
             ranked = ranked[:config.k]
         out += [replace(c, rank=r + 1) for r, c in enumerate(ranked)]
@@ -250,6 +255,6 @@ def rescore(candidates: list[Candidate], combiner: Combiner, k: int | None = Non
         by_query.setdefault(c.query_id, []).append(replace(c, score=float(s)))
     out = []
     for qid, cs in by_query.items():
-        ranked = sorted(cs, key=lambda c: (-c.score, -(c.global_score or 0.0), c.reference_id))
+        ranked = sorted(cs, key=_final_order)
         out += [replace(c, rank=r + 1) for r, c in enumerate(ranked[:k] if k else ranked)]
     return out
