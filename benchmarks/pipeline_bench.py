@@ -37,12 +37,15 @@ def peak_rss_gib() -> float:
 
 
 def pipeline_metrics(bench: Path, home: Path, model: str) -> dict:
-    """Run stats -> index -> calibrate on bench-dev with ``model`` (imagenet | default)."""
+    """Run stats -> index -> calibrate on bench-dev with ``model`` (imagenet | default), global stage only."""
     from moderation.jobs import Pipeline, build_reference_index, calibrate_labelled, refresh_stats
     from moderation.model_versions import MODEL_FILE, imagenet_default
     from moderation.registry import Kind
 
-    settings = Settings.from_env({"MODERATION_HOME": str(home), "MODERATION_PROGRESS": "false"})
+    # The global stage alone (the README's first accuracy table); benchmarks/two_stage_bench.py
+    # measures the default two-stage pipeline.
+    settings = Settings.from_env({"MODERATION_HOME": str(home), "MODERATION_PROGRESS": "false",
+                                  "MODERATION_VERIFY": "false", "MODERATION_VIEWS": "full"})
     p = Pipeline.open(settings)
     if model == "imagenet":
         record, data = imagenet_default(settings)
