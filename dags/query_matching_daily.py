@@ -12,7 +12,8 @@ replaces that day's match run (no duplicate pairs). The day's pairs stay
 held back from review until the flagged-pairs gate passes; a spike keeps
 them held until an operator releases them (rerun with ``release_hold``).
 Before any model has a reference index, a run skips (no failure, no retry)
-and its log names the DAG to run first.
+and its log names the DAG to run first; a day with no query images skips the
+same way (rerun with ``date`` when they arrive).
 """
 
 from __future__ import annotations

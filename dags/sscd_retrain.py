@@ -59,7 +59,10 @@ from moderation import layout
         "promote": Param(True, type="boolean",
                          description="Promote the new model if it beats the incumbent on the validation set."),
         "force_promote": Param(False, type="boolean",
-                               description="Promote even without a win (or without a validation set)."),
+                               description="Promote even without a win. Still needs the validation set: "
+                                           "a model in force must carry metrics and a threshold."),
+        "image_size": Param(0, type="integer", minimum=0, maximum=1024,
+                            description="Inference size of the new model; 0: the size of the model in force."),
     },
     doc_md=__doc__,
 )

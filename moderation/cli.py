@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from moderation.config import Device, Postprocess, ResizeMode, Settings
-from moderation.errors import ModerationError
+from moderation.errors import ConfigError, ModerationError
 
 
 def _source(args, settings: Settings):
@@ -103,6 +103,22 @@ def cmd_model_import(args, settings):
     p.db.record_model(rec)
     _print({"model_version": rec.version, "dim": rec.dim, "current": not args.no_promote,
             "next": "run `moderation stats refresh` and `moderation index build` for this model"})
+
+
+def cmd_model_promote(args, settings):
+    from moderation.registry import Kind
+
+    p = _pipeline(settings)
+    rec = p.registry.manifest(Kind.MODEL, args.version)
+    if not rec.metrics and not args.without_metrics:
+        raise ConfigError(f"model {rec.version} carries no metrics or threshold (it was never evaluated); "
+                          "evaluate it first (`moderation calibrate` after `stats refresh` and `index build` "
+                          "pinned to it), or pass --without-metrics to promote it anyway")
+    p.registry.set_current(Kind.MODEL, rec)
+    p.db.record_model(rec)
+    _print({"model_version": rec.version, "current": True, "threshold": rec.threshold,
+            "next": "the statistics, index and matching DAGs follow the promotion; by hand: "
+                    "`moderation stats refresh`, then `moderation index build`"})
 
 
 def cmd_model_list(args, settings):
@@ -269,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize-mode", choices=[m.value for m in ResizeMode], default="square")
     p.add_argument("--no-promote", action="store_true", help="register without making it current")
     p.set_defaults(func=cmd_model_import)
+    p = model.add_parser("promote", help="make a published model version the one in force")
+    p.add_argument("version")
+    p.add_argument("--without-metrics", action="store_true",
+                   help="promote a version that was never evaluated (it then has no threshold of its own)")
+    p.set_defaults(func=cmd_model_promote)
     p = model.add_parser("list", help="model versions with metrics and thresholds")
     p.set_defaults(func=cmd_model_list)
 

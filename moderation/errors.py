@@ -39,6 +39,14 @@ class BatchFailedError(ModerationError):
     """Too many images of a batch failed to decode."""
 
 
+class EmptyBatchError(BatchFailedError):
+    """A batch holds no images at all (nothing uploaded for the day yet, or a wrong prefix).
+
+    Not a broken batch: the Airflow task skips instead of failing, and the
+    message says how to match the day once its images arrive.
+    """
+
+
 class VersionMismatchError(ModerationError):
     """Artifacts of different model/statistics versions were combined."""
 

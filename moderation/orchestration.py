@@ -32,8 +32,8 @@ from urllib.parse import urlsplit
 from moderation import quality
 from moderation.config import Settings
 from moderation.embedding import StoreSource
-from moderation.errors import (BatchFailedError, ConfigError, MissingPrerequisiteError, ModerationError,
-                               NotFoundError, VersionMismatchError)
+from moderation.errors import (BatchFailedError, ConfigError, EmptyBatchError, MissingPrerequisiteError,
+                               ModerationError, NotFoundError, VersionMismatchError)
 from moderation.images import IMAGE_SUFFIXES, sha256_hex
 from moderation.jobs import (Pipeline, build_reference_index, calibrate_labelled, reference_features, refresh_stats,
                              run_matching)
@@ -448,8 +448,8 @@ def check_query_batch(settings: Settings, batch: str,
     store = open_store(settings)
     keys = list_images(store, batch)
     if not keys:
-        raise BatchFailedError(f"no query images under {batch!r} in {store.url}: has the day been "
-                               "uploaded? Rerun with the date parameter when late data arrives.")
+        raise EmptyBatchError(f"no query images under {batch!r} in {store.url}: has the day been "
+                              "uploaded? Rerun with the date parameter when late data arrives.")
     profile = quality.profile_images(store.get, keys, max_pixels=settings.max_image_pixels,
                                      max_bytes=settings.max_file_bytes)
     store.put(f"{PROFILES_PREFIX}{batch.rstrip('/')}.csv", quality.profile_to_csv(profile), "text/csv")
@@ -479,10 +479,18 @@ def match_batch(settings: Settings, batch: str, model_version: str) -> dict[str,
 
     Writes: a ``pending`` hold, ``runs/BATCH/`` artifacts, the batch's
     match_runs row and flagged_pairs (replacing an earlier run of the batch).
+    When matching raises, the hold goes back to what it was before the try
+    (none, or the earlier run's) and the error propagates.
     """
     p = open_pipeline(settings, model_version)
+    previous = quality.hold_of(p.db, batch)
     quality.place_hold(p.db, batch, "awaiting the flagged-pairs quality gate")
-    summary = run_matching(p, StoreSource(settings, batch), batch)
+    try:
+        summary = run_matching(p, StoreSource(settings, batch), batch)
+    except BaseException:
+        # a failed try replaced no pairs: leave review as it was, not hidden behind 'pending'
+        quality.restore_hold(p.db, batch, previous)
+        raise
     return asdict(summary)
 
 
@@ -524,7 +532,7 @@ TRAIN_PARAM_DEFAULTS: dict[str, Any] = {
     "backbone": "auto", "epochs": 1.0, "max_steps": 0, "batch_size": 32, "learning_rate": 1e-3,
     "entropy_weight": 10.0, "augmentation": "wide", "images_prefix": TRAINING_PREFIX,
     "validation_prefix": VALIDATION_PREFIX, "generated_images": 1000, "crop_size": 224,
-    "projection_init": "pca", "promote": True, "force_promote": False,
+    "projection_init": "pca", "promote": True, "force_promote": False, "image_size": 0,
 }
 
 
@@ -539,6 +547,12 @@ def plan_training(settings: Settings, params: Mapping[str, Any], *, run_id: str 
     pool = n_images + int(prm["generated_images"])
     if pool == 0:
         raise BatchFailedError(f"no training images under {prefix!r} and generated_images is 0")
+    val = str(prm["validation_prefix"] or "")
+    if prm["force_promote"] and prm["promote"] and not (val and store.exists(f"{val}ground_truth.csv")):
+        raise ConfigError(f"force_promote needs a labelled validation set ({val or 'validation_prefix'}"
+                          "ground_truth.csv with references/, queries/, background/): a model in force must "
+                          "carry metrics and a 90%-precision threshold. Upload one, or retrain with "
+                          "promote=false and promote the version by hand after checking it.")
     steps = max(1, math.ceil(float(prm["epochs"]) * pool / int(prm["batch_size"])))
     if int(prm["max_steps"]) > 0:
         steps = min(steps, int(prm["max_steps"]))
@@ -549,12 +563,12 @@ def plan_training(settings: Settings, params: Mapping[str, Any], *, run_id: str 
         entropy_weight=float(prm["entropy_weight"]), batch_size=int(prm["batch_size"]), steps=steps,
         lr=float(prm["learning_rate"]), warmup_steps=min(50, max(0, steps // 10)),
         workers=settings.workers, progress=False, publish=True,
-        force_promote=bool(prm["force_promote"]),
+        force_promote=bool(prm["force_promote"]), eval_size=int(prm["image_size"] or 0),
         out_dir=str(settings.home / "train" / run_slug(run_id)),
         checkpoint_every=max(1, min(100, steps)), log_every=max(1, min(10, steps)),
         command=f"airflow dag sscd_retrain run {run_id}")
     return {"config": config.to_dict(), "promote": bool(prm["promote"]),
-            "validation_prefix": str(prm["validation_prefix"] or ""), "n_images": n_images, "steps": steps}
+            "validation_prefix": val, "n_images": n_images, "steps": steps}
 
 
 class _NoPromoteRegistry(Registry):

@@ -475,7 +475,25 @@ def release_hold(db, batch: str, by: str, *, note: str = "") -> bool:
     return bool(res.rowcount)
 
 
+def restore_hold(db, batch: str, previous: dict[str, Any] | None) -> None:
+    """Put ``batch``'s hold back as ``previous`` (a ``hold_of`` row; None: no hold at all).
+
+    For a match try that failed after placing its ``pending`` hold: the try
+    wrote no pairs, so what was in review before it must be again.
+    """
+    from sqlalchemy import delete, update
+
+    ensure_holds_table(db)
+    with db.engine.begin() as conn:
+        if previous is None:
+            conn.execute(delete(HOLDS).where(HOLDS.c.batch == batch))
+            return
+        conn.execute(update(HOLDS).where(HOLDS.c.batch == batch).values(
+            **{k: v for k, v in previous.items() if k != "batch"}))
+
+
 def hold_of(db, batch: str) -> dict[str, Any] | None:
+    """The batch's hold row as a dict, or None when it never had one."""
     from sqlalchemy import select
 
     ensure_holds_table(db)

@@ -139,7 +139,15 @@ def test_query_gate_failure_is_readable_and_not_retried(stack, dags, pipeline, d
     assert pipeline.db.run(f"queries/{day}/") is None
 
 
-def test_retrain_promotion_rebuilds_before_matching(stack, dags, pipeline, data):
+def test_a_day_without_queries_skips_without_spending_retries(stack, dags, pipeline, data):
+    dr, states, _ = h.run_dag(dags["query_matching_daily"], conf={"date": "2026-10-02"})
+    assert dr.state == "success", states
+    assert states["check_queries"] == ("skipped", 1), states
+    assert {states[t][0] for t in ("embed_queries", "match", "gate_flagged")} == {"skipped"}
+    assert pipeline.db.run("queries/2026-10-02/") is None
+
+
+def test_retrain_promotion_rebuilds_before_matching(stack, dags, pipeline, data, tmp_path):
     from moderation import orchestration
     from moderation.registry import Kind
 
@@ -147,16 +155,23 @@ def test_retrain_promotion_rebuilds_before_matching(stack, dags, pipeline, data)
     if not orchestration.has_index(pipeline.registry, old.version):
         pytest.skip("needs the chain from test_stats_index_matching_retry_and_rerun")
     h.clear_queue()
+    # forcing a promotion still needs a labelled validation set: the model in force carries metrics
+    from test_trainer_helpers import make_validation_set
+
+    val = make_validation_set(tmp_path / "validation")
+    h.upload(pipeline.store, {f"validation/{f.relative_to(val).as_posix()}": f.read_bytes()
+                              for f in val.rglob("*") if f.is_file()})
     conf = {"backbone": "mobilenet_v2", "epochs": 1, "max_steps": 2, "batch_size": 4,
             "generated_images": 8, "crop_size": 64, "projection_init": "orthogonal",
-            "images_prefix": "references/",
-            "validation_prefix": "", "promote": True, "force_promote": True}
+            "images_prefix": "references/", "image_size": 64,
+            "validation_prefix": "validation/", "promote": True, "force_promote": True}
     t0 = time.perf_counter()
     dr, states, secs = h.run_dag(dags["sscd_retrain"], conf=conf)
     FIGURES["sscd_retrain"] = secs
     assert dr.state == "success", states
     new = pipeline.registry.current(Kind.MODEL)
     assert new.version != old.version and new.source == "trained"
+    assert "uap" in new.metrics and new.image_size == 64
     assert new.info["config"]["steps"] == 2
     assert h.asset_events("moderation_model")[-1]["model_version"] == new.version
     # the promotion queued the statistics refresh (the scheduler would start it now)

@@ -186,3 +186,35 @@ def test_package_has_no_unsafe_deserialisation():
     jit_users = [f.name for f in files if "torch.jit.load(" in f.read_text()]
     assert jit_users == ["descriptor.py"]
 
+
+
+def test_promote_by_hand_refuses_a_never_evaluated_model(tiny_file, pg_url, s3_server, s3_bucket, tmp_path,
+                                                        monkeypatch, capsys):
+    """`moderation model promote` on the object store and review database of production."""
+    from conftest import s3_env
+    from moderation import cli
+    from moderation.store import open_store
+
+    env = {**fast_env(tmp_path / "home"), **s3_env(s3_server, s3_bucket), "MODERATION_DATABASE_URL": pg_url}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings.from_env(env)
+    registry = Registry(open_store(settings))
+    path, _ = tiny_file
+    evaluated = registry.publish(Kind.MODEL, ModelVersion(
+        version="evaluated", backbone="mobilenet_v2", dim=64, image_size=SIZE, resize_mode="square",
+        source="trained", metrics={"uap": 0.5}, threshold=0.4), {MODEL_FILE: path.read_bytes()})
+    bare = registry.publish(Kind.MODEL, ModelVersion(
+        version="bare", backbone="mobilenet_v2", dim=64, image_size=SIZE, resize_mode="square",
+        source="trained"), {MODEL_FILE: path.read_bytes()}, make_current=False)
+
+    assert cli.main(["--quiet", "model", "promote", bare.version]) == 1
+    assert "never evaluated" in capsys.readouterr().err
+    assert registry.current(Kind.MODEL).version == evaluated.version
+    assert cli.main(["--quiet", "model", "promote", bare.version, "--without-metrics"]) == 0
+    assert registry.current(Kind.MODEL).version == bare.version
+    assert cli.main(["--quiet", "model", "promote", evaluated.version]) == 0
+    assert '"threshold": 0.4' in capsys.readouterr().out
+    assert registry.current(Kind.MODEL).version == evaluated.version
+    assert cli.main(["--quiet", "model", "promote", "no-such-version"]) == 1
+    assert "no-such-version" in capsys.readouterr().err

@@ -173,6 +173,15 @@ def test_training_plan_from_parameters(settings):
     assert plan["n_images"] == 12 and plan["steps"] == config["steps"] == 8  # ceil(2 * 32 / 8)
     assert (config["preset"], config["lr"], config["images_prefix"]) == ("light", 0.01, ["references/"])
     assert plan["promote"] is False and config["force_promote"] is False
+    assert config["eval_size"] == 0  # 0: the trainer takes the size of the model in force
+    assert orch.plan_training(settings, {"image_size": 288, "generated_images": 5})["config"]["eval_size"] == 288
+    # forcing a promotion skips the comparison, never the evaluation: refused before any training
+    with pytest.raises(ConfigError, match="force_promote needs a labelled validation set"):
+        orch.plan_training(settings, {"force_promote": True, "validation_prefix": "validation/"})
+    with pytest.raises(ConfigError, match="force_promote"):
+        orch.plan_training(settings, {"force_promote": True, "validation_prefix": ""})
+    assert orch.plan_training(settings, {"force_promote": True, "promote": False,
+                                         "generated_images": 5})["config"]["force_promote"] is True
     capped = orch.plan_training(settings, {"epochs": 100, "max_steps": 3, "images_prefix": "none/",
                                            "generated_images": 5})
     assert capped["steps"] == 3 and capped["config"]["images_prefix"] == []
@@ -180,6 +189,26 @@ def test_training_plan_from_parameters(settings):
 
     with pytest.raises(BatchFailedError):
         orch.plan_training(settings, {"images_prefix": "none/", "generated_images": 0})
+
+
+def test_a_failed_match_try_puts_the_hold_back(settings):
+    """A try that fails after placing its 'pending' hold must not hide or strand the day."""
+    from moderation import quality
+    from moderation.errors import BatchFailedError
+
+    p = orch.open_pipeline(settings)
+    served = orch.serving_model(p).version
+    day = "queries/2026-01-05/"
+    h.upload(p.store, {f"{day}broken{i}.jpg": b"not an image" for i in range(4)})
+    with pytest.raises(BatchFailedError):
+        orch.match_batch(settings, day, served)
+    assert quality.hold_of(p.db, day) is None  # first try of the day: no hold left behind
+    quality.place_hold(p.db, day, "awaiting gate")
+    quality.release_hold(p.db, day, "operator")
+    released = quality.hold_of(p.db, day)
+    with pytest.raises(BatchFailedError):
+        orch.match_batch(settings, day, served)
+    assert quality.hold_of(p.db, day) == released and not quality.is_held(p.db, day)
 
 
 # -- missing prerequisites: a run that came too early skips, naming the DAG to run --------------

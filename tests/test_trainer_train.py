@@ -110,12 +110,13 @@ def test_train_and_publish_registers_a_model_version(train_folder, tmp_path):
     from moderation.store import open_store
     from trainer.publish import train_and_publish
 
-    settings = Settings.from_env({}, home=tmp_path / "home", image_size=64, workers=0, progress=False,
+    settings = Settings.from_env({}, home=tmp_path / "home", image_size=48, workers=0, progress=False,
                                  batch_size=16)
     val = make_validation_set(tmp_path / "val")
     registry = Registry(open_store(settings))
     cfg = tiny_config(train_folder, tmp_path / "out", steps=4, val_dir=str(val), force_promote=True,
-                      export_path=str(tmp_path / "export" / "model.pt"), command="moderation train ...")
+                      eval_size=64, export_path=str(tmp_path / "export" / "model.pt"),
+                      command="moderation train ...")
     result = train_and_publish(cfg, settings, registry=registry)
     rec = registry.current(Kind.MODEL)
     assert result.promoted and rec.version == result.record.version
@@ -132,6 +133,23 @@ def test_train_and_publish_registers_a_model_version(train_folder, tmp_path):
     assert scripted(torch.zeros(1, 3, 64, 64)).shape == (1, 32)
     manifest = json.loads((tmp_path / "export" / "model.json").read_text())
     assert manifest["version"] == rec.version and manifest["threshold"] == rec.threshold
+
+    # Without a size of its own, the next model runs at the size of the one in force (64), not at
+    # MODERATION_IMAGE_SIZE (48); with no validation set it is published but stays unpromoted.
+    nxt = train_and_publish(tiny_config(train_folder, tmp_path / "out2", steps=1), settings, registry=registry)
+    assert (nxt.record.image_size, nxt.promoted, registry.current(Kind.MODEL).version) == (64, False, rec.version)
+
+
+def test_force_promote_without_a_validation_set_is_refused_before_training(train_folder, tmp_path):
+    from moderation.config import Settings
+    from moderation.errors import ConfigError
+    from trainer.publish import train_and_publish
+
+    settings = Settings.from_env({}, home=tmp_path / "home", workers=0, progress=False)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="validation set"):
+        train_and_publish(tiny_config(train_folder, out, steps=1, force_promote=True), settings)
+    assert not out.exists() or not any(out.iterdir())  # refused before any training step
 
 
 def test_promotion_rule():

@@ -84,12 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--val-dir", default=d.val_dir,
                    help="labelled set: references/, queries/, background/, ground_truth.csv")
     g.add_argument("--eval-size", type=int, default=d.eval_size,
-                   help="inference image size of the new model (default: MODERATION_IMAGE_SIZE)")
+                   help="inference image size of the new model (default: the size of the model in force)")
     g.add_argument("--eval-resize-mode", default=d.eval_resize_mode, choices=["", "square", "short_edge"])
     g.add_argument("--no-publish", dest="publish", action="store_false",
                    help="do not publish into the registry")
     g.add_argument("--force-promote", action="store_true",
-                   help="make the new model current even if it does not beat the model in force")
+                   help="make the new model current even if it does not beat the model in force "
+                        "(still needs --val-dir: a model in force carries metrics and a threshold)")
     g.add_argument("--export", dest="export_path", default=d.export_path, metavar="FILE",
                    help="also write the TorchScript model here, its manifest beside it (.json)")
     return parser

@@ -33,7 +33,7 @@ from typing import Any
 
 from moderation.config import ResizeMode, Settings
 from moderation.descriptor import export_torchscript, load_torchscript
-from moderation.errors import NotFoundError
+from moderation.errors import ConfigError, NotFoundError
 from moderation.images import sha256_hex
 from moderation.registry import Kind, ModelVersion, Registry, new_version_id
 from trainer import distributed as D
@@ -144,6 +144,12 @@ def train_and_publish(config: TrainConfig, settings: Settings, *, registry: Regi
     ``registry`` defaults to the one in ``settings``' object store (when
     ``config.publish``). The DAG and both command lines call this.
     """
+    if config.force_promote and config.publish and not config.val_dir:
+        # Forcing skips the comparison, not the evaluation: the model in force must carry its
+        # metrics and 90 %-precision threshold, or matching would flag with none.
+        raise ConfigError("force_promote needs a validation set (--val-dir): a promoted model must carry "
+                          "metrics and a threshold. Add one, or publish without promoting and promote "
+                          "by hand with `moderation model promote VERSION` after checking it.")
     env = env or D.init_distributed(config.device)
     if not config.command:
         config = replace(config, command=command_line())
@@ -157,8 +163,11 @@ def train_and_publish(config: TrainConfig, settings: Settings, *, registry: Regi
     config = result.config
     model_bytes = export_torchscript(result.model, example_size=config.crop_size)
     scripted = load_torchscript(model_bytes, env.device)
-    image_size = config.eval_size or settings.image_size
-    resize_mode = ResizeMode(config.eval_resize_mode or settings.resize_mode).value
+    found = incumbent_model(registry, settings, env.device)
+    # Unless told otherwise the new model runs at the size of the one it replaces: its threshold,
+    # the statistics and the operators' cost figures were all made at that size.
+    image_size = config.eval_size or (found[2] if found else settings.image_size)
+    resize_mode = ResizeMode(config.eval_resize_mode or (found[3] if found else settings.resize_mode)).value
     metrics: dict[str, Any] = {}
     incumbent: dict[str, Any] = {}
     png = b""
@@ -168,7 +177,7 @@ def train_and_publish(config: TrainConfig, settings: Settings, *, registry: Regi
                                        resize_mode=resize_mode, device=env.device)
         metrics = dict(evaluation.metrics, validation_set=str(config.val_dir))
         png = pr_curve_png(evaluation, f"{result.config.backbone} {config.dim}-d, {config.val_dir}")
-        incumbent = _evaluate_incumbent(registry, settings, vs, env.device)
+        incumbent = _evaluate_incumbent(found, settings, vs, env.device)
     beats = beats_incumbent(metrics, incumbent)
     promote = config.force_promote or beats
     record = ModelVersion(
@@ -190,9 +199,9 @@ def train_and_publish(config: TrainConfig, settings: Settings, *, registry: Regi
                          export_path)
 
 
-def _evaluate_incumbent(registry, settings: Settings, vs: ValidationSet, device) -> dict[str, Any]:
-    """Metrics of the model in force on ``vs`` ({} if there is none; "error" if it fails to run)."""
-    found = incumbent_model(registry, settings, device)
+def _evaluate_incumbent(found, settings: Settings, vs: ValidationSet, device) -> dict[str, Any]:
+    """Metrics of the model in force (``incumbent_model``'s answer) on ``vs`` ({} if there is none;
+    "error" if it fails to run)."""
     if found is None:
         return {}
     name, module, size, mode = found
