@@ -87,7 +87,14 @@ class CalibrationRow(Base):
 
 
 class MatchRunRow(Base):
-    """One matching run per batch (a day, a folder). A rerun of a batch updates its row."""
+    """One matching run per batch (a day, a folder). A rerun of a batch updates its row.
+
+    ``status`` is the state of the batch's latest attempt (running | complete
+    | failed). ``last_complete_at`` is when an attempt last completed and
+    published its pairs (None until one has): the review queue offers a
+    batch's pairs from then on, whatever later attempts do, so a rerun that
+    is running, failed or died never takes the published pairs out of review.
+    """
 
     __tablename__ = "match_runs"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
@@ -107,6 +114,7 @@ class MatchRunRow(Base):
     candidates_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_complete_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class FlaggedPairRow(Base):
@@ -268,7 +276,12 @@ class Database:
     # -- match runs -----------------------------------------------------------------------
 
     def start_run(self, run: MatchRunRecord) -> int:
-        """Create (or reset to ``running``) the run row of ``run.batch``; returns its id."""
+        """Create (or reset to ``running``) the run row of ``run.batch``; returns its id.
+
+        Only the latest attempt's state changes: the pairs an earlier complete
+        attempt published stay in review until :meth:`finish_run` replaces
+        them (a rerun that never finishes leaves them as they are).
+        """
         with self.session() as s, s.begin():
             row = s.scalar(select(MatchRunRow).where(MatchRunRow.batch == run.batch).with_for_update())
             if row is None:
@@ -281,14 +294,25 @@ class Database:
             s.flush()
             return row.id
 
-    def finish_run(self, run: MatchRunRecord, pairs: Sequence[FlaggedPair], chunk: int = 5000) -> int:
+    def finish_run(self, run: MatchRunRecord, pairs: Sequence[FlaggedPair], chunk: int = 5000, *,
+                   hold: str | None = None) -> int:
         """Write a run's flagged pairs and mark it complete, in one transaction.
 
-        Idempotent: a pair already present for the run (same query and
+        The swap is atomic: readers see the batch's previous pairs until the
+        commit and the new ones from then on (``last_complete_at`` is set in
+        the same transaction). Idempotent: a pair already present for the run (same query and
         reference) is updated, never duplicated; pairs of an earlier attempt
         of this batch that are no longer flagged are removed unless a
-        moderator has already decided on them. Returns the run id.
+        moderator has already decided on them. With ``hold`` (a reason), a
+        ``pending`` quality hold is placed on the batch in the same
+        transaction, so the new pairs are never offered before the quality
+        gate has seen them, and the old ones stay offered until then.
+        Returns the run id.
         """
+        if hold is not None:
+            from moderation import quality
+
+            quality.ensure_holds_table(self)
         with self.session() as s, s.begin():
             row = s.scalar(select(MatchRunRow).where(MatchRunRow.batch == run.batch).with_for_update())
             if row is None:
@@ -304,8 +328,10 @@ class Database:
                 self._delete_stale(s, run_id, pairs, chunk)
             row.n_flagged = s.scalar(select(func.count()).select_from(FlaggedPairRow)
                                      .where(FlaggedPairRow.run_id == run_id))
+            if hold is not None:
+                quality.write_hold(s.connection(), run.batch, hold)
             row.status = "complete"
-            row.finished_at = utcnow()
+            row.finished_at = row.last_complete_at = utcnow()
             return run_id
 
     _PAIR_COLUMNS = ("query_id", "reference_id", "query_key", "reference_key", "raw_score", "score",
@@ -365,7 +391,11 @@ class Database:
             s.execute(stmt)
 
     def fail_run(self, batch: str, message: str, failures: dict[str, Any] | None = None) -> None:
-        """Mark the batch's run failed with ``message``, keeping the per-image ``failures`` if known."""
+        """Mark the batch's latest attempt failed with ``message``, keeping the per-image ``failures``.
+
+        A complete attempt is never overwritten; pairs published by an earlier
+        complete attempt stay in review.
+        """
         with self.session() as s, s.begin():
             row = s.scalar(select(MatchRunRow).where(MatchRunRow.batch == batch))
             if row is not None and row.status != "complete":
@@ -385,10 +415,14 @@ class Database:
             return list(s.scalars(q))
 
     def flagged_counts_by_day(self, days: int = 30) -> list[tuple[str, int]]:
-        """(batch, flagged count) of the most recent complete runs, oldest first."""
+        """(batch, flagged count) of the most recent runs with published pairs, oldest first.
+
+        ``n_flagged`` changes only when an attempt completes, so a batch being
+        rerun still counts with its published pairs.
+        """
         with self.session() as s:
             rows = s.execute(select(MatchRunRow.batch, MatchRunRow.n_flagged)
-                             .where(MatchRunRow.status == "complete")
+                             .where(MatchRunRow.last_complete_at.is_not(None))
                              .order_by(MatchRunRow.started_at.desc()).limit(days)).all()
         return [(b, n) for b, n in reversed(rows)]
 
@@ -451,6 +485,7 @@ def upgrade(db: Database, folder: Path | None = None) -> list[str]:
     db.check()
     if not db.is_postgres:
         Base.metadata.create_all(db.engine)
+        _sqlite_upgrade(db.engine)
         return []
     applied_now = []
     with db.engine.connect() as conn:
@@ -474,6 +509,33 @@ def upgrade(db: Database, folder: Path | None = None) -> list[str]:
             conn.execute(text("select pg_advisory_unlock(724411)"))
             conn.commit()
     return applied_now
+
+
+# SQLite files made by an older version: create_all never adds columns to existing tables.
+# (table, column, SQLite type, backfill statement or None)
+_SQLITE_ADDED_COLUMNS = (
+    ("match_runs", "last_complete_at", "DATETIME",
+     "UPDATE match_runs SET last_complete_at = COALESCE(finished_at, started_at) "
+     "WHERE status = 'complete' OR EXISTS (SELECT 1 FROM flagged_pairs fp WHERE fp.run_id = match_runs.id)"),
+)
+
+
+def _sqlite_upgrade(engine: Engine) -> None:
+    """Bring an existing SQLite file to the models' columns (what the Postgres migrations add).
+
+    Idempotent. Columns added here are nullable (SQLite cannot add a NOT
+    NULL column without a default); the code always writes them.
+    """
+    from sqlalchemy import inspect
+
+    with engine.begin() as conn:
+        insp = inspect(conn)
+        for table, column, sql_type, backfill in _SQLITE_ADDED_COLUMNS:
+            if column in {c["name"] for c in insp.get_columns(table)}:
+                continue
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+            if backfill:
+                conn.exec_driver_sql(backfill)
 
 
 def connect(url: str, *, migrate: bool = True) -> Database:

@@ -24,8 +24,10 @@ Semantics (both backends):
 - ``decide`` needs a claim on the pair and ends it. ``undo`` takes back the
   caller's latest standing decision and gives the pair back to the caller,
   claimed. ``release`` gives claims back unused.
-- Only pairs of complete runs that are not held back by the quality gate
-  are offered for review.
+- Only pairs a complete attempt of their batch published, and that the
+  quality gate does not hold back, are offered for review. A rerun of the
+  batch leaves them offered while it runs, fails or dies; its own pairs
+  replace them when it completes.
 
 Moderator names: 1-200 characters, no control characters. On Postgres a
 database login acts as itself; naming another moderator needs the
@@ -286,7 +288,7 @@ FROM flagged_pairs fp JOIN match_runs r ON r.id = fp.run_id
 
 
 def _sqlite_visible_pairs(conn: Connection) -> list[dict[str, Any]]:
-    rows = conn.execute(text(_SQLITE_PAIRS + " WHERE r.status = 'complete' " + _holds_clause(conn)))
+    rows = conn.execute(text(_SQLITE_PAIRS + " WHERE r.last_complete_at IS NOT NULL " + _holds_clause(conn)))
     out = []
     for r in rows:
         d = dict(r._mapping)

@@ -321,23 +321,55 @@ def test_rerun_of_a_batch_keeps_decided_and_drops_stale_claimed_pairs(db):
                                 {"p": c[2]["pair_id"]}).scalar_one() == pytest.approx(0.75)
 
 
+def _rerun(batch: str, model: str = "m1", stats: str = "s1", index: str = "i1", threshold: float = 0.0):
+    from moderation.db import MatchRunRecord
+
+    return MatchRunRecord(batch=batch, model_version=model, stats_version=stats, index_version=index,
+                          threshold=threshold)
+
+
 def test_incomplete_and_held_runs_are_not_offered(db):
-    from moderation.db import MatchRunRecord, pairs_from
+    from moderation.db import FlaggedPair
 
     seed_run(db, "day-1", [("q1", "r1", 0.9)])
-    run = MatchRunRecord(batch="day-1", model_version="m1", stats_version="s1", index_version="i1",
-                         threshold=0.0)
-    db.start_run(run)  # a rerun in progress: its earlier pairs wait
-    assert review.pending(db) == [] and review.claim(db, "alice", 5) == []
-    db.finish_run(run, pairs_from(db.pairs()))
-    assert len(review.pending(db)) == 1
+    first = _rerun("day-0")
+    db.start_run(first)  # a batch's first attempt, still running: nothing of it is offered
+    assert [r["query_id"] for r in review.pending(db)] == ["q1"]
+    db.fail_run("day-0", "crashed")
+    assert [r["query_id"] for r in review.pending(db)] == ["q1"]
+    db.finish_run(first, [FlaggedPair("q0", "r0", 0.6, 0.5, 1)])
+    assert len(review.pending(db)) == 2
     quality = pytest.importorskip("moderation.quality")
     if not hasattr(quality, "place_hold"):
         pytest.skip("quality hold-back not available")
     seed_run(db, "day-2", [("q2", "r2", 0.95)])
     quality.place_hold(db, "day-2", "spike", status=quality.HOLD_HELD)
-    assert [r["query_id"] for r in review.pending(db)] == ["q1"]
-    assert [c["query_id"] for c in review.claim(db, "alice", 5)] == ["q1"]
+    assert [r["query_id"] for r in review.pending(db)] == ["q1", "q0"]
+    assert [c["query_id"] for c in review.claim(db, "alice", 5)] == ["q1", "q0"]
+
+
+def test_crashed_rerun_keeps_the_last_complete_pairs_in_review(db):
+    """A rerun publishes its pairs only when it completes; until then the last complete ones stay."""
+    from moderation.db import FlaggedPair
+
+    run_id = seed_run(db, "day-1", [("q1", "r1", 0.9), ("q2", "r2", 0.8), ("q3", "r3", 0.7)])
+    rerun = _rerun("day-1")
+    assert db.start_run(rerun) == run_id  # the rerun starts, then its process dies: never finished
+    assert db.run("day-1").status == "running"
+    assert [r["query_id"] for r in review.pending(db)] == ["q1", "q2", "q3"]
+    [c] = review.claim(db, "alice", 1)
+    review.decide(db, c["pair_id"], "alice", "confirmed")
+    db.fail_run("day-1", "killed")  # a later attempt that fails is no different
+    assert db.run("day-1").status == "failed"
+    assert [r["query_id"] for r in review.pending(db)] == ["q2", "q3"]
+    assert [c["query_id"] for c in review.claim(db, "bob", 5)] == ["q2", "q3"]
+    review.release(db, "bob")
+    # The next complete attempt swaps its pairs in, all at once.
+    db.start_run(rerun)
+    db.finish_run(rerun, [FlaggedPair("q3", "r3", 0.9, 0.75, 1), FlaggedPair("q4", "r4", 0.8, 0.6, 1)])
+    assert db.run("day-1").status == "complete"
+    assert [r["query_id"] for r in review.pending(db)] == ["q3", "q4"]
+    assert _state(db, c["pair_id"]) == "confirmed"
 
 
 # -- input checks -------------------------------------------------------------------------------
