@@ -118,6 +118,12 @@ class MatchRunRow(Base):
 
 
 class FlaggedPairRow(Base):
+    """A (query, reference) pair a run flagged, with the versions and threshold that scored it.
+
+    The run row describes the batch's latest attempt; a pair kept across
+    reruns (a decided one) keeps the versions of the attempt that wrote it.
+    """
+
     __tablename__ = "flagged_pairs"
     __table_args__ = (UniqueConstraint("run_id", "query_id", "reference_id",
                                        name="flagged_pairs_run_query_reference_key"),)
@@ -134,6 +140,11 @@ class FlaggedPairRow(Base):
     evidence_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     heatmap_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    model_version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
+    stats_version: Mapped[str] = mapped_column(ForeignKey("stats_versions.version"))
+    index_version: Mapped[str] = mapped_column(ForeignKey("index_versions.version"))
+    calibration_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    threshold: Mapped[float] = mapped_column(Float)
 
 
 class ReviewDecisionRow(Base):
@@ -321,10 +332,11 @@ class Database:
             _fill_run(row, run)
             s.flush()
             run_id = row.id
+            scored_by = _scored_by(run)
             if self.is_postgres:
-                self._copy_pairs(s, run_id, pairs)
+                self._copy_pairs(s, run_id, pairs, scored_by)
             else:
-                self._upsert_pairs(s, run_id, pairs, chunk)
+                self._upsert_pairs(s, run_id, pairs, chunk, scored_by)
                 self._delete_stale(s, run_id, pairs, chunk)
             row.n_flagged = s.scalar(select(func.count()).select_from(FlaggedPairRow)
                                      .where(FlaggedPairRow.run_id == run_id))
@@ -337,7 +349,8 @@ class Database:
     _PAIR_COLUMNS = ("query_id", "reference_id", "query_key", "reference_key", "raw_score", "score",
                      "rank", "evidence_key", "heatmap_key")
 
-    def _copy_pairs(self, s: Session, run_id: int, pairs: Sequence[FlaggedPair]) -> None:
+    def _copy_pairs(self, s: Session, run_id: int, pairs: Sequence[FlaggedPair],
+                    scored_by: dict[str, Any]) -> None:
         """Postgres: COPY the pairs into a staging table, then one upsert and one stale-delete.
 
         About ten times faster than batched INSERTs for a large day, because
@@ -353,11 +366,13 @@ class Database:
             with cur.copy(f"copy pairs_stage ({', '.join(cols)}) from stdin") as copy:
                 for p in pairs:
                     copy.write_row(tuple(getattr(p, c) for c in cols))
-            updates = ", ".join(f"{c} = excluded.{c}" for c in cols[2:])
+            versions = tuple(scored_by)
+            updates = ", ".join(f"{c} = excluded.{c}" for c in cols[2:] + versions)
             cur.execute(
-                f"insert into flagged_pairs (run_id, {', '.join(cols)}, created_at) "
-                f"select %s, {', '.join(cols)}, now() from pairs_stage "
-                f"on conflict (run_id, query_id, reference_id) do update set {updates}", (run_id,))
+                f"insert into flagged_pairs (run_id, {', '.join(cols + versions)}, created_at) "
+                f"select %s, {', '.join(cols)}, {', '.join(['%s'] * len(versions))}, now() from pairs_stage "
+                f"on conflict (run_id, query_id, reference_id) do update set {updates}",
+                (run_id, *scored_by.values()))
             cur.execute(
                 "delete from flagged_pairs f where f.run_id = %s "
                 "and not exists (select 1 from pairs_stage n where n.query_id = f.query_id "
@@ -374,20 +389,21 @@ class Database:
         for i in range(0, len(stale), chunk):
             s.execute(delete(FlaggedPairRow).where(FlaggedPairRow.id.in_(stale[i:i + chunk])))
 
-    def _upsert_pairs(self, s: Session, run_id: int, pairs: Sequence[FlaggedPair], chunk: int) -> None:
+    def _upsert_pairs(self, s: Session, run_id: int, pairs: Sequence[FlaggedPair], chunk: int,
+                      scored_by: dict[str, Any]) -> None:
         if not pairs:
             return
         from sqlalchemy.dialects.sqlite import insert
         now = utcnow()
         table = FlaggedPairRow.__table__
         for i in range(0, len(pairs), chunk):
-            rows = [{**asdict(p), "run_id": run_id, "created_at": now} for p in pairs[i:i + chunk]]
+            rows = [{**asdict(p), **scored_by, "run_id": run_id, "created_at": now} for p in pairs[i:i + chunk]]
             stmt = insert(table).values(rows)
             stmt = stmt.on_conflict_do_update(
                 index_elements=["run_id", "query_id", "reference_id"],
                 set_={c: getattr(stmt.excluded, c) for c in
                       ("raw_score", "score", "rank", "query_key", "reference_key",
-                       "evidence_key", "heatmap_key")})
+                       "evidence_key", "heatmap_key", *scored_by)})
             s.execute(stmt)
 
     def fail_run(self, batch: str, message: str, failures: dict[str, Any] | None = None) -> None:
@@ -438,6 +454,13 @@ def _fill_run(row: MatchRunRow, run: MatchRunRecord) -> None:
     row.n_candidates = run.n_candidates
     row.failures = _jsonable(run.failures)
     row.candidates_key = run.candidates_key
+
+
+def _scored_by(run: MatchRunRecord) -> dict[str, Any]:
+    """What a pair written by ``run`` records about how it was scored (its flagged_pairs columns)."""
+    return {"model_version": run.model_version, "stats_version": run.stats_version,
+            "index_version": run.index_version, "calibration_version": run.calibration_version,
+            "threshold": run.threshold}
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -517,6 +540,11 @@ _SQLITE_ADDED_COLUMNS = (
     ("match_runs", "last_complete_at", "DATETIME",
      "UPDATE match_runs SET last_complete_at = COALESCE(finished_at, started_at) "
      "WHERE status = 'complete' OR EXISTS (SELECT 1 FROM flagged_pairs fp WHERE fp.run_id = match_runs.id)"),
+    *((("flagged_pairs", column, sql_type,
+        f"UPDATE flagged_pairs SET {column} = (SELECT r.{column} FROM match_runs r WHERE r.id = flagged_pairs.run_id)")
+       for column, sql_type in (("model_version", "VARCHAR(200)"), ("stats_version", "VARCHAR(200)"),
+                                ("index_version", "VARCHAR(200)"), ("calibration_version", "VARCHAR(200)"),
+                                ("threshold", "FLOAT")))),
 )
 
 

@@ -281,8 +281,8 @@ _SQLITE_PAIRS = """
 SELECT fp.id AS pair_id, fp.run_id, r.batch, fp.query_id, fp.reference_id, fp.query_key,
        fp.reference_key, fp.raw_score, fp.score, fp.rank, fp.evidence_key, fp.heatmap_key,
        fp.created_at AS flagged_at, r.status AS run_status, r.started_at AS run_started_at,
-       r.finished_at AS run_finished_at, r.threshold, r.model_version, r.stats_version,
-       r.index_version, r.calibration_version
+       r.finished_at AS run_finished_at, fp.threshold, fp.model_version, fp.stats_version,
+       fp.index_version, fp.calibration_version
 FROM flagged_pairs fp JOIN match_runs r ON r.id = fp.run_id
 """
 
@@ -559,8 +559,10 @@ def pair_details(db: Database, pair_id: int) -> dict[str, Any]:
     """Everything about one pair (the ``review_pair_context`` view).
 
     Keys: ids and object keys of query and reference, raw and normalised
-    score, rank, run (id, batch, date, status, threshold), model, statistics,
-    index and calibration versions, evidence and heatmap keys, state and the
+    score, rank, run (id, batch, date, status of its latest attempt), the
+    threshold and the model, statistics, index and calibration versions
+    that scored the pair (the pair's own: a rerun with other versions does
+    not change them on a pair it keeps), evidence and heatmap keys, state and the
     standing decision, who holds a claim, ``history`` (every decision on the
     pair, undo rows included) and ``reference_decisions`` (standing
     decisions on other pairs with the same reference). Raises NotFoundError.
@@ -708,27 +710,30 @@ def decision_log(db: Database, *, pair_id: int | None = None, moderator: str | N
 
 def pair_states(db: Database, *, model_version: str | None = None, stats_version: str | None = None,
                 states: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Every flagged pair with its state, standing decision and run versions (for feedback and pruning).
+    """Every flagged pair with its state, standing decision and scoring versions (for feedback and pruning).
 
     Keys: pair_id, run_id, batch, query_id, reference_id, query_key,
     reference_key, score, raw_score, evidence_key, heatmap_key, flagged_at,
-    threshold, model_version, stats_version, index_version, state,
-    decision_id, decided_by, decided_at, note. Includes pairs of any run
-    status (pairs only exist once their run completed at least once).
+    threshold, model_version, stats_version, index_version,
+    calibration_version, state, decision_id, decided_by, decided_at, note.
+    The threshold and versions are those that scored the pair, and
+    ``model_version`` / ``stats_version`` filter on them. Includes pairs of
+    any run status (pairs only exist once their run completed at least once).
     """
     wanted = None if states is None else set(states)
     if wanted is not None and not wanted <= set(STATES):
         raise ReviewInputError(f"states must be among {STATES}")
     clauses, params = [], {}
     if model_version is not None:
-        clauses.append("r.model_version = :mv")
+        clauses.append("fp.model_version = :mv")
         params["mv"] = model_version
     if stats_version is not None:
-        clauses.append("r.stats_version = :sv")
+        clauses.append("fp.stats_version = :sv")
         params["sv"] = stats_version
     cols = ("fp.id AS pair_id, fp.run_id, r.batch, fp.query_id, fp.reference_id, fp.query_key, "
             "fp.reference_key, fp.score, fp.raw_score, fp.evidence_key, fp.heatmap_key, "
-            "fp.created_at AS flagged_at, r.threshold, r.model_version, r.stats_version, r.index_version")
+            "fp.created_at AS flagged_at, fp.threshold, fp.model_version, fp.stats_version, fp.index_version, "
+            "fp.calibration_version")
     if db.is_postgres:
         if wanted is not None:
             clauses.append("q.state = ANY(:states)")

@@ -91,6 +91,9 @@ def test_existing_database_upgrades_in_place(tmp_path):
                                         ids["qc"]: "confirmed", ids["qd"]: "pending"}
             claimed = [c["query_id"] for c in review.claim(db, "cy", 5)]
             assert claimed == ["qa", "qd"]
+            # Pairs written before 0006 take their run's versions as the ones that scored them.
+            assert {(r["model_version"], r["stats_version"], r["index_version"]) for r in review.pair_states(db)} \
+                == {("m1", "s1", "i1")}
             review.decide(db, ids["qa"], "cy", "rejected")
             assert review.pair_details(db, ids["qa"])["state"] == "rejected"
             with pytest.raises(DBAPIError, match="append-only"):

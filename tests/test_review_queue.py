@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from review_support import fresh_pg_database, pair_ids, seed_run
+from review_support import fresh_pg_database, pair_ids, seed_run, seed_versions
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
@@ -287,6 +287,32 @@ def test_pair_details_carry_full_context(db):
         old, "confirmed", "alice", "meme of it")
     with pytest.raises(NotFoundError):
         review.pair_details(db, 10**9)
+
+
+def test_each_pair_records_the_versions_that_scored_it(db):
+    """A rerun with other versions re-labels only the pairs it writes, never the pairs it keeps."""
+    from moderation.db import FlaggedPair
+
+    run_id = seed_run(db, "day-1", [("q1", "r1", 0.9), ("q2", "r2", 0.8)], threshold=0.3)
+    [c] = review.claim(db, "alice", 1)
+    review.decide(db, c["pair_id"], "alice", "confirmed")
+    seed_versions(db, "m2", "s2", "i2")
+    rerun = _rerun("day-1", "m2", "s2", "i2", threshold=0.4)
+    rerun.calibration_version = "cal-2"
+    db.start_run(rerun)
+    db.finish_run(rerun, [FlaggedPair("q2", "r2", 1.2, 0.85, 1), FlaggedPair("q3", "r3", 1.1, 0.7, 1)])
+    ids = {p.query_id: p.id for p in db.pairs(run_id)}
+    scored_by = {q: (d["model_version"], d["stats_version"], d["index_version"], d["calibration_version"],
+                     round(d["threshold"], 6))
+                 for q, d in ((q, review.pair_details(db, i)) for q, i in ids.items())}
+    assert scored_by == {"q1": ("m1", "s1", "i1", None, 0.3),  # decided under the first run: kept as scored
+                         "q2": ("m2", "s2", "i2", "cal-2", 0.4), "q3": ("m2", "s2", "i2", "cal-2", 0.4)}
+    assert [r["query_id"] for r in review.pair_states(db, model_version="m1")] == ["q1"]
+    assert sorted(r["query_id"] for r in review.pair_states(db, model_version="m2", stats_version="s2")) \
+        == ["q2", "q3"]
+    assert review.pair_states(db, model_version="m1")[0]["threshold"] == pytest.approx(0.3)
+    [summary] = review.run_summaries(db)  # the run itself describes its latest attempt
+    assert (summary["model_version"], summary["threshold"]) == ("m2", pytest.approx(0.4))
 
 
 def test_summaries_per_run_and_day(db):
