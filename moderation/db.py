@@ -311,10 +311,14 @@ class Database:
 
         The swap is atomic: readers see the batch's previous pairs until the
         commit and the new ones from then on (``last_complete_at`` is set in
-        the same transaction). Idempotent: a pair already present for the run (same query and
-        reference) is updated, never duplicated; pairs of an earlier attempt
-        of this batch that are no longer flagged are removed unless a
-        moderator has already decided on them. With ``hold`` (a reason), a
+        the same transaction). Idempotent: a pair already present for the
+        run (same query and reference) is updated, never duplicated; pairs
+        of an earlier attempt of this batch that are no longer flagged are
+        removed unless a moderator has already decided on them. A pair with
+        any decision (even an undone one) is left exactly as it is, also when
+        this attempt flags it again with another score: the decision stays
+        with the score and versions it was made on (the database refuses to
+        change it anyway). With ``hold`` (a reason), a
         ``pending`` quality hold is placed on the batch in the same
         transaction, so the new pairs are never offered before the quality
         gate has seen them, and the old ones stay offered until then.
@@ -371,7 +375,8 @@ class Database:
             cur.execute(
                 f"insert into flagged_pairs (run_id, {', '.join(cols + versions)}, created_at) "
                 f"select %s, {', '.join(cols)}, {', '.join(['%s'] * len(versions))}, now() from pairs_stage "
-                f"on conflict (run_id, query_id, reference_id) do update set {updates}",
+                f"on conflict (run_id, query_id, reference_id) do update set {updates} "
+                "where not exists (select 1 from review_decisions d where d.pair_id = flagged_pairs.id)",
                 (run_id, *scored_by.values()))
             cur.execute(
                 "delete from flagged_pairs f where f.run_id = %s "
@@ -396,6 +401,8 @@ class Database:
         from sqlalchemy.dialects.sqlite import insert
         now = utcnow()
         table = FlaggedPairRow.__table__
+        # Written out: SQLAlchemy does not correlate a subquery with the upsert's target row.
+        undecided = text("NOT EXISTS (SELECT 1 FROM review_decisions d WHERE d.pair_id = flagged_pairs.id)")
         for i in range(0, len(pairs), chunk):
             rows = [{**asdict(p), **scored_by, "run_id": run_id, "created_at": now} for p in pairs[i:i + chunk]]
             stmt = insert(table).values(rows)
@@ -403,7 +410,8 @@ class Database:
                 index_elements=["run_id", "query_id", "reference_id"],
                 set_={c: getattr(stmt.excluded, c) for c in
                       ("raw_score", "score", "rank", "query_key", "reference_key",
-                       "evidence_key", "heatmap_key", *scored_by)})
+                       "evidence_key", "heatmap_key", *scored_by)},
+                where=undecided)
             s.execute(stmt)
 
     def fail_run(self, batch: str, message: str, failures: dict[str, Any] | None = None) -> None:
@@ -549,10 +557,12 @@ _SQLITE_ADDED_COLUMNS = (
 
 
 def _sqlite_upgrade(engine: Engine) -> None:
-    """Bring an existing SQLite file to the models' columns (what the Postgres migrations add).
+    """Bring an existing SQLite file to the models' columns and guards (what the migrations add).
 
     Idempotent. Columns added here are nullable (SQLite cannot add a NOT
-    NULL column without a default); the code always writes them.
+    NULL column without a default); the code always writes them. The
+    decided-pair guard (migration 0007) is recreated each time, so it
+    always covers every column of the model.
     """
     from sqlalchemy import inspect
 
@@ -564,6 +574,21 @@ def _sqlite_upgrade(engine: Engine) -> None:
             conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
             if backfill:
                 conn.exec_driver_sql(backfill)
+        frozen = " OR ".join(f"NEW.{c.name} IS NOT OLD.{c.name}" for c in FlaggedPairRow.__table__.columns
+                             if c.name not in ("evidence_key", "heatmap_key"))
+        cleared_only = " OR ".join(f"(NEW.{k} IS NOT NULL AND NEW.{k} IS NOT OLD.{k})"
+                                   for k in ("evidence_key", "heatmap_key"))
+        decided = "EXISTS (SELECT 1 FROM review_decisions d WHERE d.pair_id = OLD.id)"
+        message = "flagged pair has a moderator''s decision: {} is not allowed (only its evidence keys may be cleared)"
+        conn.exec_driver_sql("DROP TRIGGER IF EXISTS flagged_pairs_decided_no_update")
+        conn.exec_driver_sql(
+            f"CREATE TRIGGER flagged_pairs_decided_no_update BEFORE UPDATE ON flagged_pairs "
+            f"WHEN {decided} AND ({frozen} OR {cleared_only}) "
+            f"BEGIN SELECT RAISE(ABORT, '{message.format('UPDATE')}'); END")
+        conn.exec_driver_sql("DROP TRIGGER IF EXISTS flagged_pairs_decided_no_delete")
+        conn.exec_driver_sql(
+            f"CREATE TRIGGER flagged_pairs_decided_no_delete BEFORE DELETE ON flagged_pairs WHEN {decided} "
+            f"BEGIN SELECT RAISE(ABORT, '{message.format('DELETE')}'); END")
 
 
 def connect(url: str, *, migrate: bool = True) -> Database:

@@ -234,6 +234,25 @@ def test_decisions_are_append_only(db):
     assert len(review.decision_log(db)) == 1
 
 
+def test_decided_pairs_are_immutable(db):
+    _seed(db, n=2)
+    c = review.claim(db, "alice", 1)[0]
+    review.decide(db, c["pair_id"], "alice", "confirmed")
+    pid = c["pair_id"]
+    for stmt in (f"UPDATE flagged_pairs SET reference_id = 'elsewhere' WHERE id = {pid}",
+                 f"UPDATE flagged_pairs SET score = 0.01, raw_score = 0.01 WHERE id = {pid}",
+                 f"UPDATE flagged_pairs SET threshold = 0.99 WHERE id = {pid}",
+                 f"DELETE FROM flagged_pairs WHERE id = {pid}"):
+        with pytest.raises(DBAPIError, match="has a moderator's decision"):
+            with db.engine.begin() as conn:
+                conn.execute(text(stmt))
+    with db.engine.begin() as conn:  # clearing evidence keys (pruning) and undecided pairs stay allowed
+        conn.execute(text(f"UPDATE flagged_pairs SET evidence_key = NULL WHERE id = {pid}"))
+        conn.execute(text(f"UPDATE flagged_pairs SET score = 0.5 WHERE id <> {pid}"))
+    d = review.pair_details(db, pid)
+    assert (d["reference_id"], d["state"]) == ("r1", "confirmed")
+
+
 def test_state_is_derived_from_the_log(db):
     """After a mixed sequence, the queue's state equals the one recomputed from the log alone."""
     _, ids = _seed(db, n=8)
@@ -352,6 +371,30 @@ def _rerun(batch: str, model: str = "m1", stats: str = "s1", index: str = "i1", 
 
     return MatchRunRecord(batch=batch, model_version=model, stats_version=stats, index_version=index,
                           threshold=threshold)
+
+
+def test_rerun_never_rescores_a_decided_pair(db):
+    """The rerun flags a decided pair again with another score: the decided pair keeps its own."""
+    from moderation.db import FlaggedPair
+
+    run_id = seed_run(db, "day-1", [("q1", "r1", 0.9), ("q2", "r2", 0.8)], threshold=0.3)
+    [c] = review.claim(db, "alice", 1)
+    review.decide(db, c["pair_id"], "alice", "rejected")
+    review.undo(db, "alice")  # an undone decision is still part of the pair's history
+    review.decide(db, c["pair_id"], "alice", "confirmed")
+    seed_versions(db, "m2", "s2", "i2")
+    rerun = _rerun("day-1", "m2", "s2", "i2", threshold=0.4)
+    for _ in range(2):  # and again: idempotent
+        db.start_run(rerun)
+        db.finish_run(rerun, [FlaggedPair("q1", "r1", 0.2, 0.45, 3), FlaggedPair("q2", "r2", 1.3, 0.85, 1)])
+    pairs = {p.query_id: p for p in db.pairs(run_id)}
+    assert set(pairs) == {"q1", "q2"} and pairs["q1"].id == c["pair_id"]
+    q1 = pairs["q1"]
+    assert (q1.score, q1.raw_score, q1.rank, q1.model_version, q1.threshold) == (
+        pytest.approx(0.9), pytest.approx(1.4), 1, "m1", pytest.approx(0.3))
+    assert (pairs["q2"].score, pairs["q2"].model_version) == (pytest.approx(0.85), "m2")
+    assert _state(db, q1.id) == "confirmed"
+    assert db.run("day-1").n_flagged == 2
 
 
 def test_incomplete_and_held_runs_are_not_offered(db):
