@@ -136,6 +136,56 @@ def test_release_returns_pairs_at_once(db):
     assert [c["pair_id"] for c in review.my_claims(db, "bob")] == [again["pair_id"]]
 
 
+def test_one_moderator_cannot_hold_the_whole_queue(db):
+    """At most 50 live claims and a one-hour lease per moderator (the defaults)."""
+    _, ids = _seed(db, n=120)
+    for n, lease in ((1000, 86400), (1, 3601), (1, 5)):  # the whole queue for a day, and near misses
+        with pytest.raises(review.ReviewInputError, match="lease must be between 10 and 3600 seconds"):
+            review.claim(db, "alice", n, lease_seconds=lease)
+    assert review.my_claims(db, "alice") == []
+    got = review.claim(db, "alice", 1000, lease_seconds=3600)  # the count is clamped to the room left
+    assert len(got) == 50 and all(c["expires_at"] <= review._now() + timedelta(seconds=3600) for c in got)
+    with pytest.raises(review.ClaimLimitError, match="'alice' already holds 50 pairs"):
+        review.claim(db, "alice", 1)
+    free = next(i for i in ids if i not in {c["pair_id"] for c in got})
+    with pytest.raises(review.ClaimLimitError, match="already holds 50 pairs"):
+        review.claim_pair(db, "alice", free)
+    with pytest.raises(review.ReviewInputError, match="3600"):
+        review.claim_pair(db, "bob", free, lease_seconds=7200)
+    review.claim_pair(db, "alice", got[1]["pair_id"])  # renewing a claim one holds needs no room
+    review.decide(db, got[0]["pair_id"], "alice", "confirmed")
+    assert len(review.claim(db, "alice", 10)) == 1  # room for one again
+    assert len(review.claim(db, "bob", 1000)) == 50  # the cap is per moderator
+    _expire_claims(db)  # an expired claim is no longer held: anyone may take it over
+    assert len(review.claim(db, "alice", 60)) == 50
+    assert len(review.my_claims(db, "alice")) == 50
+
+
+def test_claim_limits_are_the_database_owners_to_change(db):
+    if not db.is_postgres:
+        pytest.skip("the embedded default has fixed limits (review.MAX_HELD_PAIRS, review.MAX_LEASE_SECONDS)")
+    _seed(db, n=10)
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(text("UPDATE review_limits SET max_held_pairs = 3, max_lease_seconds = 600"))
+        assert len(review.claim(db, "alice", 10)) == 3
+        with pytest.raises(review.ClaimLimitError, match="3 pairs"):
+            review.claim(db, "alice", 1)
+        with pytest.raises(review.ReviewInputError, match="between 10 and 600 seconds"):
+            review.claim(db, "bob", 1, lease_seconds=601)
+        # The default lease (900 s) is lowered to the cap; a session's own lease setting cannot lift it.
+        with db.engine.begin() as conn:
+            conn.execute(text("SET LOCAL moderation.claim_lease_seconds = 86400"))
+            [c] = conn.execute(text("SELECT expires_at - now() AS lease FROM review_claim(1, 'bob')")).all()
+        assert c.lease == timedelta(seconds=600)
+        with pytest.raises(DBAPIError, match="max_held_pairs"):
+            with db.engine.begin() as conn:
+                conn.execute(text("UPDATE review_limits SET max_held_pairs = 0"))
+    finally:
+        with db.engine.begin() as conn:
+            conn.execute(text("UPDATE review_limits SET max_held_pairs = 50, max_lease_seconds = 3600"))
+
+
 def test_claim_pair_for_a_second_look(db):
     _, ids = _seed(db, n=2)
     c = review.claim(db, "alice", 1)[0]

@@ -67,6 +67,8 @@ def test_moderator_reads_views_and_writes_only_through_functions(admin_db):
                 f"INSERT INTO review_claims (pair_id, moderator, expires_at) VALUES ({pid}, 'x', now())",
                 "UPDATE review_queue SET state = 'confirmed'",
                 "SELECT review_actor('someone')",
+                "UPDATE review_limits SET max_held_pairs = 1000, max_lease_seconds = 86400",
+                "SELECT review_claim_room('someone')",
             ]
             for sql in refused:
                 assert "permission denied" in _refused(mod, sql), sql
@@ -118,6 +120,7 @@ def test_pipeline_writes_runs_and_pairs_but_never_decisions(admin_db):
                 "DELETE FROM match_runs",
                 "TRUNCATE flagged_pairs CASCADE",
                 "UPDATE review_queue SET state = 'rejected'",
+                "UPDATE review_limits SET max_held_pairs = 1000",
                 "SELECT * FROM review_claim(1, 'p')",
                 f"SELECT review_decide({pid}, 'confirmed')",
             ):
