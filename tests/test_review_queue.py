@@ -159,6 +159,12 @@ def test_one_moderator_cannot_hold_the_whole_queue(db):
     _expire_claims(db)  # an expired claim is no longer held: anyone may take it over
     assert len(review.claim(db, "alice", 60)) == 50
     assert len(review.my_claims(db, "alice")) == 50
+    review.decide(db, review.my_claims(db, "alice")[0]["pair_id"], "alice", "rejected")
+    assert len(review.claim(db, "alice", 5)) == 1
+    # An undo hands back the pair one just decided even at the cap; it counts from then on.
+    assert review.undo(db, "alice")["state"] == "pending"
+    with pytest.raises(review.ClaimLimitError, match="already holds 51 pairs"):
+        review.claim(db, "alice", 1)
 
 
 def test_claim_limits_are_the_database_owners_to_change(db):
