@@ -98,11 +98,13 @@ def insert_day_copy(db: Database, batch: str, rows: int, seed: int) -> float:
         with cur.copy(f"COPY stage ({cols}) FROM STDIN") as copy:
             for row in data:
                 copy.write_row(row)
-        cur.execute(f"INSERT INTO flagged_pairs (run_id, {cols}) SELECT %s, {cols} FROM stage "
+        cur.execute(f"INSERT INTO flagged_pairs (run_id, {cols}, model_version, stats_version, index_version, "
+                    f"threshold) SELECT %s, {cols}, %s, %s, %s, %s FROM stage "
                     "ON CONFLICT (run_id, query_id, reference_id) DO UPDATE SET "
-                    + ", ".join(f"{c} = excluded.{c}" for c in _COLS[2:]), (run_id,))
-        cur.execute("UPDATE match_runs SET status = 'complete', n_flagged = %s, finished_at = now() "
-                    "WHERE id = %s", (rows, run_id))
+                    + ", ".join(f"{c} = excluded.{c}" for c in _COLS[2:]),
+                    (run_id, run.model_version, run.stats_version, run.index_version, run.threshold))
+        cur.execute("UPDATE match_runs SET status = 'complete', n_flagged = %s, finished_at = now(), "
+                    "last_complete_at = now() WHERE id = %s", (rows, run_id))
         raw.commit()
     finally:
         raw.close()

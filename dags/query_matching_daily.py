@@ -72,8 +72,8 @@ def query_matching_daily():
         return common.no_retry(orchestration.embed_query_batch, common.settings(), batch)
 
     @task(doc_md="Reads: queries (vectors from the cache), the pinned model/statistics/index/calibration. "
-                 "Writes: a pending hold on the day, runs/DAY/ artifacts, the day's match_runs row and "
-                 "flagged_pairs (a rerun replaces them).")
+                 "Writes: runs/DAY/ artifacts, the day's match_runs row, and on completion, in one "
+                 "transaction, its flagged_pairs (a rerun replaces them) and a pending hold on the day.")
     def match(batch: str, embedded: dict):
         from moderation import orchestration
 

@@ -87,7 +87,14 @@ class CalibrationRow(Base):
 
 
 class MatchRunRow(Base):
-    """One matching run per batch (a day, a folder). A rerun of a batch updates its row."""
+    """One matching run per batch (a day, a folder). A rerun of a batch updates its row.
+
+    ``status`` is the state of the batch's latest attempt (running | complete
+    | failed). ``last_complete_at`` is when an attempt last completed and
+    published its pairs (None until one has): the review queue offers a
+    batch's pairs from then on, whatever later attempts do, so a rerun that
+    is running, failed or died never takes the published pairs out of review.
+    """
 
     __tablename__ = "match_runs"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
@@ -107,9 +114,16 @@ class MatchRunRow(Base):
     candidates_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_complete_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class FlaggedPairRow(Base):
+    """A (query, reference) pair a run flagged, with the versions and threshold that scored it.
+
+    The run row describes the batch's latest attempt; a pair kept across
+    reruns (a decided one) keeps the versions of the attempt that wrote it.
+    """
+
     __tablename__ = "flagged_pairs"
     __table_args__ = (UniqueConstraint("run_id", "query_id", "reference_id",
                                        name="flagged_pairs_run_query_reference_key"),)
@@ -126,6 +140,11 @@ class FlaggedPairRow(Base):
     evidence_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     heatmap_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    model_version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
+    stats_version: Mapped[str] = mapped_column(ForeignKey("stats_versions.version"))
+    index_version: Mapped[str] = mapped_column(ForeignKey("index_versions.version"))
+    calibration_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    threshold: Mapped[float] = mapped_column(Float)
 
 
 class ReviewDecisionRow(Base):
@@ -268,7 +287,12 @@ class Database:
     # -- match runs -----------------------------------------------------------------------
 
     def start_run(self, run: MatchRunRecord) -> int:
-        """Create (or reset to ``running``) the run row of ``run.batch``; returns its id."""
+        """Create (or reset to ``running``) the run row of ``run.batch``; returns its id.
+
+        Only the latest attempt's state changes: the pairs an earlier complete
+        attempt published stay in review until :meth:`finish_run` replaces
+        them (a rerun that never finishes leaves them as they are).
+        """
         with self.session() as s, s.begin():
             row = s.scalar(select(MatchRunRow).where(MatchRunRow.batch == run.batch).with_for_update())
             if row is None:
@@ -281,14 +305,29 @@ class Database:
             s.flush()
             return row.id
 
-    def finish_run(self, run: MatchRunRecord, pairs: Sequence[FlaggedPair], chunk: int = 5000) -> int:
+    def finish_run(self, run: MatchRunRecord, pairs: Sequence[FlaggedPair], chunk: int = 5000, *,
+                   hold: str | None = None) -> int:
         """Write a run's flagged pairs and mark it complete, in one transaction.
 
-        Idempotent: a pair already present for the run (same query and
-        reference) is updated, never duplicated; pairs of an earlier attempt
-        of this batch that are no longer flagged are removed unless a
-        moderator has already decided on them. Returns the run id.
+        The swap is atomic: readers see the batch's previous pairs until the
+        commit and the new ones from then on (``last_complete_at`` is set in
+        the same transaction). Idempotent: a pair already present for the
+        run (same query and reference) is updated, never duplicated; pairs
+        of an earlier attempt of this batch that are no longer flagged are
+        removed unless a moderator has already decided on them. A pair with
+        any decision (even an undone one) is left exactly as it is, also when
+        this attempt flags it again with another score: the decision stays
+        with the score and versions it was made on (the database refuses to
+        change it anyway). With ``hold`` (a reason), a
+        ``pending`` quality hold is placed on the batch in the same
+        transaction, so the new pairs are never offered before the quality
+        gate has seen them, and the old ones stay offered until then.
+        Returns the run id.
         """
+        if hold is not None:
+            from moderation import quality
+
+            quality.ensure_holds_table(self)
         with self.session() as s, s.begin():
             row = s.scalar(select(MatchRunRow).where(MatchRunRow.batch == run.batch).with_for_update())
             if row is None:
@@ -297,21 +336,25 @@ class Database:
             _fill_run(row, run)
             s.flush()
             run_id = row.id
+            scored_by = _scored_by(run)
             if self.is_postgres:
-                self._copy_pairs(s, run_id, pairs)
+                self._copy_pairs(s, run_id, pairs, scored_by)
             else:
-                self._upsert_pairs(s, run_id, pairs, chunk)
+                self._upsert_pairs(s, run_id, pairs, chunk, scored_by)
                 self._delete_stale(s, run_id, pairs, chunk)
             row.n_flagged = s.scalar(select(func.count()).select_from(FlaggedPairRow)
                                      .where(FlaggedPairRow.run_id == run_id))
+            if hold is not None:
+                quality.write_hold(s.connection(), run.batch, hold)
             row.status = "complete"
-            row.finished_at = utcnow()
+            row.finished_at = row.last_complete_at = utcnow()
             return run_id
 
     _PAIR_COLUMNS = ("query_id", "reference_id", "query_key", "reference_key", "raw_score", "score",
                      "rank", "evidence_key", "heatmap_key")
 
-    def _copy_pairs(self, s: Session, run_id: int, pairs: Sequence[FlaggedPair]) -> None:
+    def _copy_pairs(self, s: Session, run_id: int, pairs: Sequence[FlaggedPair],
+                    scored_by: dict[str, Any]) -> None:
         """Postgres: COPY the pairs into a staging table, then one upsert and one stale-delete.
 
         About ten times faster than batched INSERTs for a large day, because
@@ -327,11 +370,14 @@ class Database:
             with cur.copy(f"copy pairs_stage ({', '.join(cols)}) from stdin") as copy:
                 for p in pairs:
                     copy.write_row(tuple(getattr(p, c) for c in cols))
-            updates = ", ".join(f"{c} = excluded.{c}" for c in cols[2:])
+            versions = tuple(scored_by)
+            updates = ", ".join(f"{c} = excluded.{c}" for c in cols[2:] + versions)
             cur.execute(
-                f"insert into flagged_pairs (run_id, {', '.join(cols)}, created_at) "
-                f"select %s, {', '.join(cols)}, now() from pairs_stage "
-                f"on conflict (run_id, query_id, reference_id) do update set {updates}", (run_id,))
+                f"insert into flagged_pairs (run_id, {', '.join(cols + versions)}, created_at) "
+                f"select %s, {', '.join(cols)}, {', '.join(['%s'] * len(versions))}, now() from pairs_stage "
+                f"on conflict (run_id, query_id, reference_id) do update set {updates} "
+                "where not exists (select 1 from review_decisions d where d.pair_id = flagged_pairs.id)",
+                (run_id, *scored_by.values()))
             cur.execute(
                 "delete from flagged_pairs f where f.run_id = %s "
                 "and not exists (select 1 from pairs_stage n where n.query_id = f.query_id "
@@ -348,24 +394,32 @@ class Database:
         for i in range(0, len(stale), chunk):
             s.execute(delete(FlaggedPairRow).where(FlaggedPairRow.id.in_(stale[i:i + chunk])))
 
-    def _upsert_pairs(self, s: Session, run_id: int, pairs: Sequence[FlaggedPair], chunk: int) -> None:
+    def _upsert_pairs(self, s: Session, run_id: int, pairs: Sequence[FlaggedPair], chunk: int,
+                      scored_by: dict[str, Any]) -> None:
         if not pairs:
             return
         from sqlalchemy.dialects.sqlite import insert
         now = utcnow()
         table = FlaggedPairRow.__table__
+        # Written out: SQLAlchemy does not correlate a subquery with the upsert's target row.
+        undecided = text("NOT EXISTS (SELECT 1 FROM review_decisions d WHERE d.pair_id = flagged_pairs.id)")
         for i in range(0, len(pairs), chunk):
-            rows = [{**asdict(p), "run_id": run_id, "created_at": now} for p in pairs[i:i + chunk]]
+            rows = [{**asdict(p), **scored_by, "run_id": run_id, "created_at": now} for p in pairs[i:i + chunk]]
             stmt = insert(table).values(rows)
             stmt = stmt.on_conflict_do_update(
                 index_elements=["run_id", "query_id", "reference_id"],
                 set_={c: getattr(stmt.excluded, c) for c in
                       ("raw_score", "score", "rank", "query_key", "reference_key",
-                       "evidence_key", "heatmap_key")})
+                       "evidence_key", "heatmap_key", *scored_by)},
+                where=undecided)
             s.execute(stmt)
 
     def fail_run(self, batch: str, message: str, failures: dict[str, Any] | None = None) -> None:
-        """Mark the batch's run failed with ``message``, keeping the per-image ``failures`` if known."""
+        """Mark the batch's latest attempt failed with ``message``, keeping the per-image ``failures``.
+
+        A complete attempt is never overwritten; pairs published by an earlier
+        complete attempt stay in review.
+        """
         with self.session() as s, s.begin():
             row = s.scalar(select(MatchRunRow).where(MatchRunRow.batch == batch))
             if row is not None and row.status != "complete":
@@ -385,10 +439,14 @@ class Database:
             return list(s.scalars(q))
 
     def flagged_counts_by_day(self, days: int = 30) -> list[tuple[str, int]]:
-        """(batch, flagged count) of the most recent complete runs, oldest first."""
+        """(batch, flagged count) of the most recent runs with published pairs, oldest first.
+
+        ``n_flagged`` changes only when an attempt completes, so a batch being
+        rerun still counts with its published pairs.
+        """
         with self.session() as s:
             rows = s.execute(select(MatchRunRow.batch, MatchRunRow.n_flagged)
-                             .where(MatchRunRow.status == "complete")
+                             .where(MatchRunRow.last_complete_at.is_not(None))
                              .order_by(MatchRunRow.started_at.desc()).limit(days)).all()
         return [(b, n) for b, n in reversed(rows)]
 
@@ -404,6 +462,13 @@ def _fill_run(row: MatchRunRow, run: MatchRunRecord) -> None:
     row.n_candidates = run.n_candidates
     row.failures = _jsonable(run.failures)
     row.candidates_key = run.candidates_key
+
+
+def _scored_by(run: MatchRunRecord) -> dict[str, Any]:
+    """What a pair written by ``run`` records about how it was scored (its flagged_pairs columns)."""
+    return {"model_version": run.model_version, "stats_version": run.stats_version,
+            "index_version": run.index_version, "calibration_version": run.calibration_version,
+            "threshold": run.threshold}
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -451,6 +516,7 @@ def upgrade(db: Database, folder: Path | None = None) -> list[str]:
     db.check()
     if not db.is_postgres:
         Base.metadata.create_all(db.engine)
+        _sqlite_upgrade(db.engine)
         return []
     applied_now = []
     with db.engine.connect() as conn:
@@ -474,6 +540,55 @@ def upgrade(db: Database, folder: Path | None = None) -> list[str]:
             conn.execute(text("select pg_advisory_unlock(724411)"))
             conn.commit()
     return applied_now
+
+
+# SQLite files made by an older version: create_all never adds columns to existing tables.
+# (table, column, SQLite type, backfill statement or None)
+_SQLITE_ADDED_COLUMNS = (
+    ("match_runs", "last_complete_at", "DATETIME",
+     "UPDATE match_runs SET last_complete_at = COALESCE(finished_at, started_at) "
+     "WHERE status = 'complete' OR EXISTS (SELECT 1 FROM flagged_pairs fp WHERE fp.run_id = match_runs.id)"),
+    *((("flagged_pairs", column, sql_type,
+        f"UPDATE flagged_pairs SET {column} = (SELECT r.{column} FROM match_runs r WHERE r.id = flagged_pairs.run_id)")
+       for column, sql_type in (("model_version", "VARCHAR(200)"), ("stats_version", "VARCHAR(200)"),
+                                ("index_version", "VARCHAR(200)"), ("calibration_version", "VARCHAR(200)"),
+                                ("threshold", "FLOAT")))),
+)
+
+
+def _sqlite_upgrade(engine: Engine) -> None:
+    """Bring an existing SQLite file to the models' columns and guards (what the migrations add).
+
+    Idempotent. Columns added here are nullable (SQLite cannot add a NOT
+    NULL column without a default); the code always writes them. The
+    decided-pair guard (migration 0007) is recreated each time, so it
+    always covers every column of the model.
+    """
+    from sqlalchemy import inspect
+
+    with engine.begin() as conn:
+        insp = inspect(conn)
+        for table, column, sql_type, backfill in _SQLITE_ADDED_COLUMNS:
+            if column in {c["name"] for c in insp.get_columns(table)}:
+                continue
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+            if backfill:
+                conn.exec_driver_sql(backfill)
+        frozen = " OR ".join(f"NEW.{c.name} IS NOT OLD.{c.name}" for c in FlaggedPairRow.__table__.columns
+                             if c.name not in ("evidence_key", "heatmap_key"))
+        cleared_only = " OR ".join(f"(NEW.{k} IS NOT NULL AND NEW.{k} IS NOT OLD.{k})"
+                                   for k in ("evidence_key", "heatmap_key"))
+        decided = "EXISTS (SELECT 1 FROM review_decisions d WHERE d.pair_id = OLD.id)"
+        message = "flagged pair has a moderator''s decision: {} is not allowed (only its evidence keys may be cleared)"
+        conn.exec_driver_sql("DROP TRIGGER IF EXISTS flagged_pairs_decided_no_update")
+        conn.exec_driver_sql(
+            f"CREATE TRIGGER flagged_pairs_decided_no_update BEFORE UPDATE ON flagged_pairs "
+            f"WHEN {decided} AND ({frozen} OR {cleared_only}) "
+            f"BEGIN SELECT RAISE(ABORT, '{message.format('UPDATE')}'); END")
+        conn.exec_driver_sql("DROP TRIGGER IF EXISTS flagged_pairs_decided_no_delete")
+        conn.exec_driver_sql(
+            f"CREATE TRIGGER flagged_pairs_decided_no_delete BEFORE DELETE ON flagged_pairs WHEN {decided} "
+            f"BEGIN SELECT RAISE(ABORT, '{message.format('DELETE')}'); END")
 
 
 def connect(url: str, *, migrate: bool = True) -> Database:

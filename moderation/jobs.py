@@ -348,11 +348,15 @@ class MatchSummary:
 
 
 def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
-                 candidates_out: Path | None = None, evidence_source: ImageSource | None = None) -> MatchSummary:
+                 candidates_out: Path | None = None, evidence_source: ImageSource | None = None,
+                 hold: str | None = None) -> MatchSummary:
     """Match a query batch, keep every candidate as a run artifact, flag pairs above the threshold.
 
     The run is recorded per ``batch``: running it again replaces that run's
-    results (no duplicate pairs). On failure the run is marked failed with
+    results (no duplicate pairs) when it completes; until then the pairs of
+    the batch's last complete run stay in review. With ``hold`` (a reason),
+    the new pairs are published under a ``pending`` quality hold, in the
+    same transaction. On failure the run is marked failed with
     the error and the exception propagates. Raises NotFoundError if the
     index or statistics are missing.
     """
@@ -398,7 +402,7 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
         run.n_candidates = len(cands)
         run.failures = failures
         run.candidates_key = f"{run_folder}/candidates.csv"
-        p.db.finish_run(run, pairs)
+        p.db.finish_run(run, pairs, hold=hold)
     except BaseException as exc:
         try:
             p.db.fail_run(batch, f"{type(exc).__name__}: {exc}", failures)

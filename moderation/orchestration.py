@@ -475,22 +475,16 @@ def embed_query_batch(settings: Settings, batch: str,
 
 
 def match_batch(settings: Settings, batch: str, model_version: str) -> dict[str, Any]:
-    """Hold the batch back from review, then match it against the pinned chain.
+    """Match the batch against the pinned chain; publish its pairs held back for the quality gate.
 
-    Writes: a ``pending`` hold, ``runs/BATCH/`` artifacts, the batch's
-    match_runs row and flagged_pairs (replacing an earlier run of the batch).
-    When matching raises, the hold goes back to what it was before the try
-    (none, or the earlier run's) and the error propagates.
+    Writes: ``runs/BATCH/`` artifacts, the batch's match_runs row, and on
+    completion, in one transaction, its flagged_pairs (replacing an earlier
+    run of the batch) and a ``pending`` hold. Pairs an earlier run published
+    stay in review until then: a rerun that fails or dies hides nothing.
     """
     p = open_pipeline(settings, model_version)
-    previous = quality.hold_of(p.db, batch)
-    quality.place_hold(p.db, batch, "awaiting the flagged-pairs quality gate")
-    try:
-        summary = run_matching(p, StoreSource(settings, batch), batch)
-    except BaseException:
-        # a failed try replaced no pairs: leave review as it was, not hidden behind 'pending'
-        quality.restore_hold(p.db, batch, previous)
-        raise
+    summary = run_matching(p, StoreSource(settings, batch), batch,
+                           hold="awaiting the flagged-pairs quality gate")
     return asdict(summary)
 
 

@@ -18,8 +18,10 @@ non-retried task failure.
 
 Hold-back: a match run's flagged pairs stay out of the review queue while
 its batch has an unreleased row in ``quality_holds`` (migration
-``0003_quality_hold.sql``). The matching DAG places a ``pending`` hold before
-it writes pairs, the flagged-pairs gate releases it when it passes and turns
+``0003_quality_hold.sql``). The matching DAG places a ``pending`` hold in the
+transaction that publishes the batch's new pairs (``Database.finish_run``
+with ``hold=``), so a rerun that dies never hides the pairs already
+released; the flagged-pairs gate releases it when it passes and turns
 it into ``held`` when it fails; an operator lets held rows through with
 :func:`release_hold` (or by rerunning the day with ``release_hold=true``).
 """
@@ -446,21 +448,32 @@ def _now() -> datetime:
 def place_hold(db, batch: str, reason: str, *, status: str = HOLD_PENDING,
                details: dict[str, Any] | None = None) -> None:
     """Keep ``batch``'s flagged pairs out of review (insert or reset the batch's hold)."""
+    ensure_holds_table(db)
+    with db.engine.begin() as conn:
+        write_hold(conn, batch, reason, status=status, details=details)
+
+
+def write_hold(conn, batch: str, reason: str, *, status: str = HOLD_PENDING,
+               details: dict[str, Any] | None = None) -> None:
+    """:func:`place_hold` inside the caller's transaction ``conn`` (the table must exist).
+
+    For a writer that must publish something and hold it back atomically
+    (``Database.finish_run``). Raises ValueError for another status.
+    """
     from sqlalchemy import select, update
 
     if status not in (HOLD_PENDING, HOLD_HELD):
         raise ValueError(f"hold status must be {HOLD_PENDING!r} or {HOLD_HELD!r}")
-    ensure_holds_table(db)
     now = _now()
     values = {"status": status, "reason": reason[:4000], "details": _jsonable(details or {}),
               "updated_at": now, "released_by": None, "released_at": None}
-    with db.engine.begin() as conn:
-        exists = conn.execute(select(HOLDS.c.batch).where(HOLDS.c.batch == batch).with_for_update()
-                              if db.is_postgres else select(HOLDS.c.batch).where(HOLDS.c.batch == batch)).first()
-        if exists:
-            conn.execute(update(HOLDS).where(HOLDS.c.batch == batch).values(**values))
-        else:
-            conn.execute(HOLDS.insert().values(batch=batch, created_at=now, **values))
+    query = select(HOLDS.c.batch).where(HOLDS.c.batch == batch)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    if conn.execute(query).first():
+        conn.execute(update(HOLDS).where(HOLDS.c.batch == batch).values(**values))
+    else:
+        conn.execute(HOLDS.insert().values(batch=batch, created_at=now, **values))
 
 
 def release_hold(db, batch: str, by: str, *, note: str = "") -> bool:
@@ -473,23 +486,6 @@ def release_hold(db, batch: str, by: str, *, note: str = "") -> bool:
             status=HOLD_RELEASED, released_by=by[:200], released_at=_now(), updated_at=_now(),
             reason=HOLDS.c.reason + (f" | released: {note}" if note else "")))
     return bool(res.rowcount)
-
-
-def restore_hold(db, batch: str, previous: dict[str, Any] | None) -> None:
-    """Put ``batch``'s hold back as ``previous`` (a ``hold_of`` row; None: no hold at all).
-
-    For a match try that failed after placing its ``pending`` hold: the try
-    wrote no pairs, so what was in review before it must be again.
-    """
-    from sqlalchemy import delete, update
-
-    ensure_holds_table(db)
-    with db.engine.begin() as conn:
-        if previous is None:
-            conn.execute(delete(HOLDS).where(HOLDS.c.batch == batch))
-            return
-        conn.execute(update(HOLDS).where(HOLDS.c.batch == batch).values(
-            **{k: v for k, v in previous.items() if k != "batch"}))
 
 
 def hold_of(db, batch: str) -> dict[str, Any] | None:

@@ -19,13 +19,21 @@ Semantics (both backends):
   ``unsure``). Decisions are append-only; an undo is a new row that names
   the decision it takes back.
 - ``claim`` takes the next N pending pairs, best first (score, then age),
-  for a lease. A pair is held by at most one moderator. A claim past its
+  for a lease. A pair is held by at most one moderator. One moderator
+  holds at most ``max_held_pairs`` pairs under live claims, each for at
+  most ``max_lease_seconds`` (50 and 3600 by default: Postgres reads them
+  from ``review_limits``, SQLite uses MAX_HELD_PAIRS and
+  MAX_LEASE_SECONDS). A longer lease is refused (ReviewInputError); a
+  claim for more pairs than the room left takes only that many, and one
+  with no room left is refused (ClaimLimitError). A claim past its
   lease still lets its holder decide until someone else claims the pair.
 - ``decide`` needs a claim on the pair and ends it. ``undo`` takes back the
   caller's latest standing decision and gives the pair back to the caller,
   claimed. ``release`` gives claims back unused.
-- Only pairs of complete runs that are not held back by the quality gate
-  are offered for review.
+- Only pairs a complete attempt of their batch published, and that the
+  quality gate does not hold back, are offered for review. A rerun of the
+  batch leaves them offered while it runs, fails or dies; its own pairs
+  replace them when it completes.
 
 Moderator names: 1-200 characters, no control characters. On Postgres a
 database login acts as itself; naming another moderator needs the
@@ -52,6 +60,10 @@ DECISIONS = ("confirmed", "rejected", "unsure")
 STATES = ("pending",) + DECISIONS
 MAX_NOTE_CHARS = 4000
 MAX_CLAIM = 1000
+# Claim limits of the embedded default (SQLite). Postgres reads its own from review_limits
+# (migration 0008), which the database owner may change.
+MAX_HELD_PAIRS = 50
+MAX_LEASE_SECONDS = 3600
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -65,6 +77,10 @@ class ClaimError(ReviewError):
 
 class ClaimConflictError(ReviewError):
     """Another moderator holds the pair."""
+
+
+class ClaimLimitError(ReviewError):
+    """The moderator already holds as many pairs as one may; decide or release some first."""
 
 
 class ReviewInputError(ReviewError, ValueError):
@@ -123,12 +139,24 @@ def _pair_id(pair_id: Any) -> int:
     return pair_id
 
 
-def _lease(lease_seconds: int | None) -> int | None:
+def _lease(db: Database, lease_seconds: int | None) -> int | None:
+    """The lease argument: None (the default lease) or whole seconds; raise ReviewInputError.
+
+    SQLite's bounds are checked here (10 to MAX_LEASE_SECONDS). Postgres
+    checks its own (10 to review_limits.max_lease_seconds) in the claim
+    functions; here only what would not even reach them.
+    """
     if lease_seconds is None:
         return None
-    if not 10 <= int(lease_seconds) <= 86400:
-        raise ReviewInputError("claim lease must be between 10 and 86400 seconds")
-    return int(lease_seconds)
+    if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, int):
+        raise ReviewInputError(f"claim lease must be a whole number of seconds, not {lease_seconds!r}")
+    if db.is_postgres:
+        if not -2**31 <= lease_seconds < 2**31:
+            raise ReviewInputError(f"claim lease of {lease_seconds} seconds is out of range")
+    elif not 10 <= lease_seconds <= MAX_LEASE_SECONDS:
+        raise ReviewInputError(f"claim lease must be between 10 and {MAX_LEASE_SECONDS} seconds, "
+                               f"not {lease_seconds}")
+    return lease_seconds
 
 
 # -- Postgres plumbing -----------------------------------------------------------------------
@@ -137,6 +165,7 @@ _SQLSTATE_ERRORS: dict[str, type[ModerationError]] = {
     "P0002": NotFoundError,
     "55000": ClaimError,
     "55P03": ClaimConflictError,
+    "54000": ClaimLimitError,
     "22023": ReviewInputError,
     "42501": ReviewPermissionError,
 }
@@ -279,14 +308,14 @@ _SQLITE_PAIRS = """
 SELECT fp.id AS pair_id, fp.run_id, r.batch, fp.query_id, fp.reference_id, fp.query_key,
        fp.reference_key, fp.raw_score, fp.score, fp.rank, fp.evidence_key, fp.heatmap_key,
        fp.created_at AS flagged_at, r.status AS run_status, r.started_at AS run_started_at,
-       r.finished_at AS run_finished_at, r.threshold, r.model_version, r.stats_version,
-       r.index_version, r.calibration_version
+       r.finished_at AS run_finished_at, fp.threshold, fp.model_version, fp.stats_version,
+       fp.index_version, fp.calibration_version
 FROM flagged_pairs fp JOIN match_runs r ON r.id = fp.run_id
 """
 
 
 def _sqlite_visible_pairs(conn: Connection) -> list[dict[str, Any]]:
-    rows = conn.execute(text(_SQLITE_PAIRS + " WHERE r.status = 'complete' " + _holds_clause(conn)))
+    rows = conn.execute(text(_SQLITE_PAIRS + " WHERE r.last_complete_at IS NOT NULL " + _holds_clause(conn)))
     out = []
     for r in rows:
         d = dict(r._mapping)
@@ -320,6 +349,15 @@ def _end_claims(conn: Connection, where: str, params: dict, reason: str, now: da
         .bindparams(_ts("now")), {**params, "now": now, "reason": reason}).rowcount
 
 
+def _sqlite_room(claims: dict[int, dict[str, Any]], who: str, now: datetime) -> int:
+    """How many more pairs ``who`` may claim (SQLite); raise ClaimLimitError when none."""
+    held = sum(1 for c in claims.values() if c["moderator"] == who and c["expires_at"] > now)
+    if held >= MAX_HELD_PAIRS:
+        raise ClaimLimitError(f"moderator {who!r} already holds {held} pairs, the most one may hold at a "
+                              f"time is {MAX_HELD_PAIRS} (decide or release some first)")
+    return MAX_HELD_PAIRS - held
+
+
 def _sqlite_who(moderator: str | None) -> str:
     if moderator is None:
         raise ReviewInputError("name the moderator (the embedded database has no login users)")
@@ -335,13 +373,19 @@ def claim(db: Database, moderator: str | None, n: int = 10, *,
 
     Each claim: claim_id, pair_id, run_id, query_id, reference_id, score,
     raw_score, evidence_key, heatmap_key, expires_at. Fewer than ``n`` (or
-    none) when the queue has fewer unclaimed pairs. Pairs other sessions
-    are claiming at the same moment are skipped, never double-claimed.
+    none) when the queue has fewer unclaimed pairs, or when the moderator
+    may hold fewer more pairs (the cap counts their live claims; expired
+    ones no longer count). Pairs other sessions are claiming at the same
+    moment are skipped, never waited for and never double-claimed.
     ``lease_seconds`` defaults to the database setting
     ``moderation.claim_lease_seconds`` (Postgres) or 900.
+
+    Raises ReviewInputError for a bad name, ``n`` outside 1..1000 or a lease
+    outside 10 s..the lease cap; ClaimLimitError when the moderator already
+    holds as many pairs as the cap allows.
     """
     who = check_moderator(moderator)
-    lease = _lease(lease_seconds)
+    lease = _lease(db, lease_seconds)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CLAIM:
         raise ReviewInputError(f"claim between 1 and {MAX_CLAIM} pairs at a time")
     if db.is_postgres:
@@ -353,6 +397,7 @@ def claim(db: Database, moderator: str | None, n: int = 10, *,
         now = _now()
         states = _sqlite_states(conn)
         claims = _sqlite_open_claims(conn)
+        n = min(n, _sqlite_room(claims, who, now))
         picked = []
         for pair in _sqlite_visible_pairs(conn):
             if pair["pair_id"] in states:
@@ -377,11 +422,14 @@ def claim_pair(db: Database, moderator: str | None, pair_id: int, *,
     """Claim one named pair (any state), or renew one's own claim on it.
 
     Raises ClaimConflictError if another moderator holds an unexpired claim,
-    NotFoundError if there is no such pair.
+    ClaimLimitError if the moderator already holds as many pairs as the cap
+    allows (renewing a live claim of one's own needs no room),
+    NotFoundError if there is no such pair, ReviewInputError for a lease
+    outside 10 s..the lease cap.
     """
     who = check_moderator(moderator)
     pair_id = _pair_id(pair_id)
-    lease = _lease(lease_seconds)
+    lease = _lease(db, lease_seconds)
     if db.is_postgres:
         with _pg(db) as conn:
             return _rows(conn.execute(text("SELECT * FROM review_claim_pair(:p, :who, :lease)"),
@@ -393,6 +441,8 @@ def claim_pair(db: Database, moderator: str | None, pair_id: int, *,
         c = _sqlite_open_claims(conn).get(pair_id)
         if c is not None and c["moderator"] != who and c["expires_at"] > now:
             raise ClaimConflictError(f"pair {pair_id} is claimed by {c['moderator']!r} until {c['expires_at']}")
+        if not (c is not None and c["moderator"] == who and c["expires_at"] > now):
+            _sqlite_room(_sqlite_open_claims(conn), who, now)
         expires = now + _lease_td(lease)
         if c is not None and c["moderator"] == who:
             conn.execute(text("UPDATE review_claims SET expires_at = :exp WHERE id = :id")
@@ -468,10 +518,13 @@ def undo(db: Database, moderator: str | None, *, lease_seconds: int | None = Non
     Returns ``{"undo_id", "undone_id", "pair_id", "claim_id", "state"}``
     (``state``: the pair's state afterwards, usually ``pending``). Raises
     NotFoundError when there is nothing to undo, ClaimError when the pair
-    was decided again since, ClaimConflictError when someone holds it.
+    was decided again since, ClaimConflictError when someone holds it,
+    ReviewInputError for a lease outside 10 s..the lease cap. The claim it
+    hands back is not refused by the cap on held pairs (it is one pair the
+    moderator decided), but it counts towards it from then on.
     """
     who = check_moderator(moderator)
-    lease = _lease(lease_seconds)
+    lease = _lease(db, lease_seconds)
     if db.is_postgres:
         with _pg(db) as conn:
             return _rows(conn.execute(text("SELECT * FROM review_undo(:who, :lease)"),
@@ -557,8 +610,10 @@ def pair_details(db: Database, pair_id: int) -> dict[str, Any]:
     """Everything about one pair (the ``review_pair_context`` view).
 
     Keys: ids and object keys of query and reference, raw and normalised
-    score, rank, run (id, batch, date, status, threshold), model, statistics,
-    index and calibration versions, evidence and heatmap keys, state and the
+    score, rank, run (id, batch, date, status of its latest attempt), the
+    threshold and the model, statistics, index and calibration versions
+    that scored the pair (the pair's own: a rerun with other versions does
+    not change them on a pair it keeps), evidence and heatmap keys, state and the
     standing decision, who holds a claim, ``history`` (every decision on the
     pair, undo rows included) and ``reference_decisions`` (standing
     decisions on other pairs with the same reference). Raises NotFoundError.
@@ -706,27 +761,30 @@ def decision_log(db: Database, *, pair_id: int | None = None, moderator: str | N
 
 def pair_states(db: Database, *, model_version: str | None = None, stats_version: str | None = None,
                 states: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Every flagged pair with its state, standing decision and run versions (for feedback and pruning).
+    """Every flagged pair with its state, standing decision and scoring versions (for feedback and pruning).
 
     Keys: pair_id, run_id, batch, query_id, reference_id, query_key,
     reference_key, score, raw_score, evidence_key, heatmap_key, flagged_at,
-    threshold, model_version, stats_version, index_version, state,
-    decision_id, decided_by, decided_at, note. Includes pairs of any run
-    status (pairs only exist once their run completed at least once).
+    threshold, model_version, stats_version, index_version,
+    calibration_version, state, decision_id, decided_by, decided_at, note.
+    The threshold and versions are those that scored the pair, and
+    ``model_version`` / ``stats_version`` filter on them. Includes pairs of
+    any run status (pairs only exist once their run completed at least once).
     """
     wanted = None if states is None else set(states)
     if wanted is not None and not wanted <= set(STATES):
         raise ReviewInputError(f"states must be among {STATES}")
     clauses, params = [], {}
     if model_version is not None:
-        clauses.append("r.model_version = :mv")
+        clauses.append("fp.model_version = :mv")
         params["mv"] = model_version
     if stats_version is not None:
-        clauses.append("r.stats_version = :sv")
+        clauses.append("fp.stats_version = :sv")
         params["sv"] = stats_version
     cols = ("fp.id AS pair_id, fp.run_id, r.batch, fp.query_id, fp.reference_id, fp.query_key, "
             "fp.reference_key, fp.score, fp.raw_score, fp.evidence_key, fp.heatmap_key, "
-            "fp.created_at AS flagged_at, r.threshold, r.model_version, r.stats_version, r.index_version")
+            "fp.created_at AS flagged_at, fp.threshold, fp.model_version, fp.stats_version, fp.index_version, "
+            "fp.calibration_version")
     if db.is_postgres:
         if wanted is not None:
             clauses.append("q.state = ANY(:states)")
@@ -776,5 +834,5 @@ def evidence_links(store, details: dict[str, Any], expires: timedelta = timedelt
 
 __all__ = ["claim", "claim_pair", "release", "decide", "undo", "my_claims", "pending", "pair_details",
            "run_summaries", "daily_summaries", "decision_log", "pair_states", "evidence_links",
-           "ensure_schema", "ReviewError", "ClaimError", "ClaimConflictError", "ReviewInputError",
+           "ensure_schema", "ReviewError", "ClaimError", "ClaimConflictError", "ClaimLimitError", "ReviewInputError",
            "ReviewPermissionError", "DECISIONS"]

@@ -400,8 +400,8 @@ def run_child_main(argv: list[str]) -> None:
     elif where == "commit":
         copy_pairs = p.db._copy_pairs  # the Postgres write path: COPY + upsert in one transaction
 
-        def copy_then_stop(s, run_id, pairs):
-            copy_pairs(s, run_id, pairs)  # written, not committed
+        def copy_then_stop(s, run_id, pairs, *rest):
+            copy_pairs(s, run_id, pairs, *rest)  # written, not committed
             s.flush()
             reached()
 

@@ -228,6 +228,55 @@ def test_flagged_pair_unique_constraint_is_enforced(db):
     run_id = db.finish_run(run, [_pair("q1", "r1", 0.9)])
     from sqlalchemy.exc import IntegrityError as SAIntegrityError
 
-    with pytest.raises(SAIntegrityError):
+    with pytest.raises(SAIntegrityError, match="(?i)unique"):
         with db.session() as s, s.begin():
-            s.add(FlaggedPairRow(run_id=run_id, query_id="q1", reference_id="r1", raw_score=1.0, score=1.0, rank=1))
+            s.add(FlaggedPairRow(run_id=run_id, query_id="q1", reference_id="r1", raw_score=1.0, score=1.0, rank=1,
+                                 model_version=run.model_version, stats_version=run.stats_version,
+                                 index_version=run.index_version, threshold=run.threshold))
+
+
+def test_pairs_record_their_scoring_versions_and_need_them(db):
+    run = _run(db, "2024-05-05")
+    run.calibration_version = "cal-1"
+    run_id = db.finish_run(run, [_pair("q1", "r1", 0.9)])
+    [pair] = db.pairs(run_id)
+    assert (pair.model_version, pair.stats_version, pair.index_version, pair.calibration_version,
+            pair.threshold) == (run.model_version, run.stats_version, run.index_version, "cal-1", 0.3)
+    from sqlalchemy.exc import IntegrityError as SAIntegrityError
+
+    with pytest.raises(SAIntegrityError):  # a pair without the versions that scored it is refused
+        with db.session() as s, s.begin():
+            s.add(FlaggedPairRow(run_id=run_id, query_id="q2", reference_id="r2", raw_score=1.0, score=1.0, rank=1))
+
+
+def test_old_sqlite_file_gains_the_new_columns(tmp_path):
+    """An embedded database written by an older release: upgrade adds and backfills the columns."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = connect(f"sqlite:///{path}")
+    run = _run(db, "2024-05-06")
+    run_id = db.finish_run(run, [_pair("q1", "r1", 0.9)])
+    db.engine.dispose()
+    old_columns = ("id, run_id, query_id, reference_id, query_key, reference_key, raw_score, score, rank, "
+                   "evidence_key, heatmap_key, created_at")
+    with sqlite3.connect(path) as conn:  # back to the older release's tables
+        conn.executescript(f"""
+            CREATE TABLE old_pairs (id INTEGER NOT NULL PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES match_runs(id),
+                query_id VARCHAR(300) NOT NULL, reference_id VARCHAR(300) NOT NULL, query_key TEXT,
+                reference_key TEXT, raw_score FLOAT NOT NULL, score FLOAT NOT NULL, rank INTEGER NOT NULL,
+                evidence_key TEXT, heatmap_key TEXT, created_at DATETIME NOT NULL,
+                CONSTRAINT flagged_pairs_run_query_reference_key UNIQUE (run_id, query_id, reference_id));
+            INSERT INTO old_pairs SELECT {old_columns} FROM flagged_pairs;
+            DROP TABLE flagged_pairs;
+            ALTER TABLE old_pairs RENAME TO flagged_pairs;
+            ALTER TABLE match_runs DROP COLUMN last_complete_at;
+        """)
+    db = connect(f"sqlite:///{path}")
+    try:
+        [pair] = db.pairs(run_id)
+        assert (pair.model_version, pair.threshold) == (run.model_version, 0.3)
+        assert db.run("2024-05-06").last_complete_at is not None
+        assert db.finish_run(run, [_pair("q1", "r1", 0.95)]) == run_id
+    finally:
+        db.engine.dispose()

@@ -209,6 +209,9 @@ def test_prune_removes_only_old_decided_evidence(run):
     victim = "models/precious/model.pt"
     p.store.put(victim, b"weights")
     with db.engine.begin() as conn:
+        # The pair is decided, so the database refuses a new key (migration 0007); a row written
+        # before that guard, or restored from a backup, can still hold one: plant it as a restore would.
+        conn.exec_driver_sql("SET LOCAL session_replication_role = replica")
         conn.execute(text("UPDATE flagged_pairs SET evidence_key = :k WHERE id = :p"), {"k": victim, "p": recent.id})
     out = evidence.prune_evidence(p, older_than_days=0)
     assert out["objects_skipped"] == 1 and p.store.exists(victim)

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -50,6 +51,36 @@ def _check_log(db: Database, reported: list[list[int]]) -> None:
     assert all(claims[r.claim_id] == r.moderator for r in rows)  # decided from one's own claim
     assert open_claims == 0 and states["pending"] == 0
     assert derived == cached
+
+
+def test_a_second_moderator_never_waits_for_a_claim_in_progress(queue_db):
+    """SKIP LOCKED: rows another session is claiming are passed over, never waited for.
+
+    The first moderator's claim stays inside an open transaction (its rows
+    locked, nothing committed); the second claims under a short lock
+    timeout and must get the next pairs at once. A claim that waited on
+    the locked rows would hit the lock timeout instead.
+    """
+    first, second = queue_db.engine.connect(), queue_db.engine.connect()
+    try:
+        open_claim = first.begin()
+        held = first.execute(text("SELECT pair_id FROM review_claim(5, 'slow')")).scalars().all()
+        assert len(held) == 5
+        with second.begin():
+            second.exec_driver_sql("SET LOCAL lock_timeout = '200ms'")
+            second.exec_driver_sql("SET LOCAL statement_timeout = '5s'")
+            started = time.monotonic()
+            got = second.execute(text("SELECT pair_id FROM review_claim(5, 'quick')")).scalars().all()
+            waited = time.monotonic() - started
+        assert len(got) == 5 and not set(got) & set(held)
+        assert waited < 1.0, f"the second claim waited {waited:.2f}s"
+        open_claim.rollback()  # the slow moderator gives up: its pairs were never claimed
+        with second.begin():
+            next_up = second.execute(text("SELECT pair_id FROM review_claim(5, 'late')")).scalars().all()
+        assert next_up == held  # best first again, now that the rows are free
+    finally:
+        first.close()
+        second.close()
 
 
 def test_threads_never_share_a_pair(queue_db):

@@ -205,3 +205,36 @@ def test_spike_holds_the_day_and_an_operator_releases_it(review_db, pg_url, tmp_
     _complete_run(db, calm, 3)
     out = orchestration.gate_flagged_batch(settings, calm, limits=limits)
     assert out["passed"] and quality.hold_of(db, calm)["released_by"] == "quality-gate"
+
+
+def test_a_dag_rerun_that_dies_leaves_the_released_day_in_review(review_db, pg_url, tmp_path, monkeypatch):
+    """The matching task holds the day back only when its new pairs are published, not before."""
+    from moderation import orchestration
+    from moderation.config import Settings
+    from moderation.db import FlaggedPair, MatchRunRecord
+
+    db = review_db
+    batch = "queries/2026-03-01/"
+    run_id = _complete_run(db, batch, 3)
+    quality.release_hold(db, batch, "quality-gate")
+    assert run_id in _visible(db)
+    run = MatchRunRecord(batch=batch, model_version="m1", stats_version="s1", index_version="i1",
+                         threshold=0.25)
+
+    def dies_half_way(p, source, batch_, **kwargs):
+        p.db.start_run(run)
+        raise RuntimeError("worker lost")  # SIGKILL-like: nothing marks it failed or published
+
+    monkeypatch.setattr(orchestration, "run_matching", dies_half_way)
+    settings = Settings.from_env({"MODERATION_HOME": str(tmp_path), "MODERATION_DATABASE_URL": pg_url})
+    with pytest.raises(RuntimeError, match="worker lost"):
+        orchestration.match_batch(settings, batch, "m1")
+    assert db.run(batch).status == "running"
+    assert run_id in _visible(db) and not quality.is_held(db, batch)
+    # The attempt that completes publishes its pairs and the pending hold in one transaction.
+    db.finish_run(run, [FlaggedPair("Q9", "R1", 0.9, 0.5, 1)], hold="awaiting the flagged-pairs quality gate")
+    hold = quality.hold_of(db, batch)
+    assert (hold["status"], hold["released_by"]) == ("pending", None)
+    assert run_id not in _visible(db)
+    assert orchestration.gate_flagged_batch(settings, batch)["hold"] == "released"
+    assert run_id in _visible(db)

@@ -32,17 +32,42 @@ def test_review_migrations_are_plain_ordered_sql():
         assert "%" not in sql, name
 
 
+def _migrations_up_to(tmp_path, last: str) -> Path:
+    """A folder with the migrations up to and including ``last`` (an older release's schema)."""
+    folder = tmp_path / f"up-to-{last}"
+    folder.mkdir()
+    for path in migration_files(MIGRATIONS):
+        if path.name <= last:
+            shutil.copy(path, folder)
+    return folder
+
+
+def _legacy_run(db: Database, batch: str, pairs: list[tuple[str, str, float]], status: str = "complete") -> dict:
+    """A run and its pairs as an older release wrote them (0001's columns only); query_id -> pair id."""
+    with db.engine.begin() as conn:
+        conn.execute(text("INSERT INTO model_versions (version, backbone, dim, image_size, resize_mode, source) "
+                          "VALUES ('m1', 'test', 4, 96, 'square', 'test') ON CONFLICT DO NOTHING"))
+        conn.execute(text("INSERT INTO stats_versions (version, model_version, postprocess, in_dim, out_dim, "
+                          "n_background) VALUES ('s1', 'm1', 'none', 4, 4, 1) ON CONFLICT DO NOTHING"))
+        conn.execute(text("INSERT INTO index_versions (version, model_version, stats_version, count, dim, "
+                          "factory) VALUES ('i1', 'm1', 's1', 1, 4, 'Flat') ON CONFLICT DO NOTHING"))
+        run_id = conn.execute(text(
+            "INSERT INTO match_runs (batch, status, model_version, stats_version, index_version, threshold, "
+            "n_flagged, finished_at) VALUES (:b, :s, 'm1', 's1', 'i1', 0.0, :n, now()) RETURNING id"),
+            {"b": batch, "s": status, "n": len(pairs)}).scalar_one()
+        return {q: conn.execute(text(
+            "INSERT INTO flagged_pairs (run_id, query_id, reference_id, raw_score, score, rank) "
+            "VALUES (:run, :q, :r, :s + 0.5, :s, 1) RETURNING id"),
+            {"run": run_id, "q": q, "r": r, "s": score}).scalar_one() for q, r, score in pairs}
+
+
 def test_existing_database_upgrades_in_place(tmp_path):
-    only_core = tmp_path / "core"
-    only_core.mkdir()
-    shutil.copy(MIGRATIONS / "0001_core.sql", only_core)
     with fresh_pg_database(migrate=False) as url:
         db = Database(url)
         try:
-            assert upgrade(db, only_core) == ["0001_core.sql"]
-            run = seed_run(db, "2024-05-01", [("qa", "r1", 0.9), ("qb", "r2", 0.8), ("qc", "r3", 0.7),
-                                              ("qd", "r4", 0.6)])
-            ids = {p.query_id: p.id for p in db.pairs(run)}
+            assert upgrade(db, _migrations_up_to(tmp_path, "0001_core.sql")) == ["0001_core.sql"]
+            ids = _legacy_run(db, "2024-05-01", [("qa", "r1", 0.9), ("qb", "r2", 0.8), ("qc", "r3", 0.7),
+                                                 ("qd", "r4", 0.6)])
             with db.engine.begin() as conn:  # decisions written by an older version of the system
                 for pair, moderator, decision, claim in (
                         ("qa", "ann", "confirmed", 17), ("qa", "ann", "undo", None),
@@ -66,11 +91,31 @@ def test_existing_database_upgrades_in_place(tmp_path):
                                         ids["qc"]: "confirmed", ids["qd"]: "pending"}
             claimed = [c["query_id"] for c in review.claim(db, "cy", 5)]
             assert claimed == ["qa", "qd"]
+            # Pairs written before 0006 take their run's versions as the ones that scored them.
+            assert {(r["model_version"], r["stats_version"], r["index_version"]) for r in review.pair_states(db)} \
+                == {("m1", "s1", "i1")}
             review.decide(db, ids["qa"], "cy", "rejected")
             assert review.pair_details(db, ids["qa"])["state"] == "rejected"
             with pytest.raises(DBAPIError, match="append-only"):
                 with db.engine.begin() as conn:
                     conn.execute(text("DELETE FROM review_decisions"))
+        finally:
+            db.engine.dispose()
+
+
+def test_a_rerun_stuck_before_the_upgrade_is_offered_again(tmp_path):
+    """A batch whose rerun hung in 'running' under 0004 had all its pairs hidden; 0005 brings them back."""
+    with fresh_pg_database(migrate=False) as url:
+        db = Database(url)
+        try:
+            upgrade(db, _migrations_up_to(tmp_path, "0004_review_quality_hold.sql"))
+            ids = _legacy_run(db, "2024-05-02", [(f"q{i}", f"r{i}", 0.9 - i / 100) for i in range(5)],
+                              status="running")
+            with db.engine.connect() as conn:
+                assert conn.execute(text("SELECT count(*) FROM review_pending")).scalar() == 0
+            upgrade(db)
+            assert sorted(r["pair_id"] for r in review.pending(db)) == sorted(ids.values())
+            assert db.run("2024-05-02").status == "running"  # the attempt's own state is left as it was
         finally:
             db.engine.dispose()
 

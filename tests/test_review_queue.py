@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from review_support import fresh_pg_database, pair_ids, seed_run
+from review_support import fresh_pg_database, pair_ids, seed_run, seed_versions
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
@@ -136,6 +136,62 @@ def test_release_returns_pairs_at_once(db):
     assert [c["pair_id"] for c in review.my_claims(db, "bob")] == [again["pair_id"]]
 
 
+def test_one_moderator_cannot_hold_the_whole_queue(db):
+    """At most 50 live claims and a one-hour lease per moderator (the defaults)."""
+    _, ids = _seed(db, n=120)
+    for n, lease in ((1000, 86400), (1, 3601), (1, 5)):  # the whole queue for a day, and near misses
+        with pytest.raises(review.ReviewInputError, match="lease must be between 10 and 3600 seconds"):
+            review.claim(db, "alice", n, lease_seconds=lease)
+    assert review.my_claims(db, "alice") == []
+    got = review.claim(db, "alice", 1000, lease_seconds=3600)  # the count is clamped to the room left
+    assert len(got) == 50 and all(c["expires_at"] <= review._now() + timedelta(seconds=3600) for c in got)
+    with pytest.raises(review.ClaimLimitError, match="'alice' already holds 50 pairs"):
+        review.claim(db, "alice", 1)
+    free = next(i for i in ids if i not in {c["pair_id"] for c in got})
+    with pytest.raises(review.ClaimLimitError, match="already holds 50 pairs"):
+        review.claim_pair(db, "alice", free)
+    with pytest.raises(review.ReviewInputError, match="3600"):
+        review.claim_pair(db, "bob", free, lease_seconds=7200)
+    review.claim_pair(db, "alice", got[1]["pair_id"])  # renewing a claim one holds needs no room
+    review.decide(db, got[0]["pair_id"], "alice", "confirmed")
+    assert len(review.claim(db, "alice", 10)) == 1  # room for one again
+    assert len(review.claim(db, "bob", 1000)) == 50  # the cap is per moderator
+    _expire_claims(db)  # an expired claim is no longer held: anyone may take it over
+    assert len(review.claim(db, "alice", 60)) == 50
+    assert len(review.my_claims(db, "alice")) == 50
+    review.decide(db, review.my_claims(db, "alice")[0]["pair_id"], "alice", "rejected")
+    assert len(review.claim(db, "alice", 5)) == 1
+    # An undo hands back the pair one just decided even at the cap; it counts from then on.
+    assert review.undo(db, "alice")["state"] == "pending"
+    with pytest.raises(review.ClaimLimitError, match="already holds 51 pairs"):
+        review.claim(db, "alice", 1)
+
+
+def test_claim_limits_are_the_database_owners_to_change(db):
+    if not db.is_postgres:
+        pytest.skip("the embedded default has fixed limits (review.MAX_HELD_PAIRS, review.MAX_LEASE_SECONDS)")
+    _seed(db, n=10)
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(text("UPDATE review_limits SET max_held_pairs = 3, max_lease_seconds = 600"))
+        assert len(review.claim(db, "alice", 10)) == 3
+        with pytest.raises(review.ClaimLimitError, match="3 pairs"):
+            review.claim(db, "alice", 1)
+        with pytest.raises(review.ReviewInputError, match="between 10 and 600 seconds"):
+            review.claim(db, "bob", 1, lease_seconds=601)
+        # The default lease (900 s) is lowered to the cap; a session's own lease setting cannot lift it.
+        with db.engine.begin() as conn:
+            conn.execute(text("SET LOCAL moderation.claim_lease_seconds = 86400"))
+            [c] = conn.execute(text("SELECT expires_at - now() AS lease FROM review_claim(1, 'bob')")).all()
+        assert c.lease == timedelta(seconds=600)
+        with pytest.raises(DBAPIError, match="max_held_pairs"):
+            with db.engine.begin() as conn:
+                conn.execute(text("UPDATE review_limits SET max_held_pairs = 0"))
+    finally:
+        with db.engine.begin() as conn:
+            conn.execute(text("UPDATE review_limits SET max_held_pairs = 50, max_lease_seconds = 3600"))
+
+
 def test_claim_pair_for_a_second_look(db):
     _, ids = _seed(db, n=2)
     c = review.claim(db, "alice", 1)[0]
@@ -234,6 +290,25 @@ def test_decisions_are_append_only(db):
     assert len(review.decision_log(db)) == 1
 
 
+def test_decided_pairs_are_immutable(db):
+    _seed(db, n=2)
+    c = review.claim(db, "alice", 1)[0]
+    review.decide(db, c["pair_id"], "alice", "confirmed")
+    pid = c["pair_id"]
+    for stmt in (f"UPDATE flagged_pairs SET reference_id = 'elsewhere' WHERE id = {pid}",
+                 f"UPDATE flagged_pairs SET score = 0.01, raw_score = 0.01 WHERE id = {pid}",
+                 f"UPDATE flagged_pairs SET threshold = 0.99 WHERE id = {pid}",
+                 f"DELETE FROM flagged_pairs WHERE id = {pid}"):
+        with pytest.raises(DBAPIError, match="has a moderator's decision"):
+            with db.engine.begin() as conn:
+                conn.execute(text(stmt))
+    with db.engine.begin() as conn:  # clearing evidence keys (pruning) and undecided pairs stay allowed
+        conn.execute(text(f"UPDATE flagged_pairs SET evidence_key = NULL WHERE id = {pid}"))
+        conn.execute(text(f"UPDATE flagged_pairs SET score = 0.5 WHERE id <> {pid}"))
+    d = review.pair_details(db, pid)
+    assert (d["reference_id"], d["state"]) == ("r1", "confirmed")
+
+
 def test_state_is_derived_from_the_log(db):
     """After a mixed sequence, the queue's state equals the one recomputed from the log alone."""
     _, ids = _seed(db, n=8)
@@ -289,6 +364,32 @@ def test_pair_details_carry_full_context(db):
         review.pair_details(db, 10**9)
 
 
+def test_each_pair_records_the_versions_that_scored_it(db):
+    """A rerun with other versions re-labels only the pairs it writes, never the pairs it keeps."""
+    from moderation.db import FlaggedPair
+
+    run_id = seed_run(db, "day-1", [("q1", "r1", 0.9), ("q2", "r2", 0.8)], threshold=0.3)
+    [c] = review.claim(db, "alice", 1)
+    review.decide(db, c["pair_id"], "alice", "confirmed")
+    seed_versions(db, "m2", "s2", "i2")
+    rerun = _rerun("day-1", "m2", "s2", "i2", threshold=0.4)
+    rerun.calibration_version = "cal-2"
+    db.start_run(rerun)
+    db.finish_run(rerun, [FlaggedPair("q2", "r2", 1.2, 0.85, 1), FlaggedPair("q3", "r3", 1.1, 0.7, 1)])
+    ids = {p.query_id: p.id for p in db.pairs(run_id)}
+    scored_by = {q: (d["model_version"], d["stats_version"], d["index_version"], d["calibration_version"],
+                     round(d["threshold"], 6))
+                 for q, d in ((q, review.pair_details(db, i)) for q, i in ids.items())}
+    assert scored_by == {"q1": ("m1", "s1", "i1", None, 0.3),  # decided under the first run: kept as scored
+                         "q2": ("m2", "s2", "i2", "cal-2", 0.4), "q3": ("m2", "s2", "i2", "cal-2", 0.4)}
+    assert [r["query_id"] for r in review.pair_states(db, model_version="m1")] == ["q1"]
+    assert sorted(r["query_id"] for r in review.pair_states(db, model_version="m2", stats_version="s2")) \
+        == ["q2", "q3"]
+    assert review.pair_states(db, model_version="m1")[0]["threshold"] == pytest.approx(0.3)
+    [summary] = review.run_summaries(db)  # the run itself describes its latest attempt
+    assert (summary["model_version"], summary["threshold"]) == ("m2", pytest.approx(0.4))
+
+
 def test_summaries_per_run_and_day(db):
     r1 = seed_run(db, "day-1", [(f"a{i}", "r", 0.9 - i / 100) for i in range(5)])
     r2 = seed_run(db, "day-2", [(f"b{i}", "r", 0.5 - i / 100) for i in range(3)])
@@ -321,23 +422,79 @@ def test_rerun_of_a_batch_keeps_decided_and_drops_stale_claimed_pairs(db):
                                 {"p": c[2]["pair_id"]}).scalar_one() == pytest.approx(0.75)
 
 
+def _rerun(batch: str, model: str = "m1", stats: str = "s1", index: str = "i1", threshold: float = 0.0):
+    from moderation.db import MatchRunRecord
+
+    return MatchRunRecord(batch=batch, model_version=model, stats_version=stats, index_version=index,
+                          threshold=threshold)
+
+
+def test_rerun_never_rescores_a_decided_pair(db):
+    """The rerun flags a decided pair again with another score: the decided pair keeps its own."""
+    from moderation.db import FlaggedPair
+
+    run_id = seed_run(db, "day-1", [("q1", "r1", 0.9), ("q2", "r2", 0.8)], threshold=0.3)
+    [c] = review.claim(db, "alice", 1)
+    review.decide(db, c["pair_id"], "alice", "rejected")
+    review.undo(db, "alice")  # an undone decision is still part of the pair's history
+    review.decide(db, c["pair_id"], "alice", "confirmed")
+    seed_versions(db, "m2", "s2", "i2")
+    rerun = _rerun("day-1", "m2", "s2", "i2", threshold=0.4)
+    for _ in range(2):  # and again: idempotent
+        db.start_run(rerun)
+        db.finish_run(rerun, [FlaggedPair("q1", "r1", 0.2, 0.45, 3), FlaggedPair("q2", "r2", 1.3, 0.85, 1)])
+    pairs = {p.query_id: p for p in db.pairs(run_id)}
+    assert set(pairs) == {"q1", "q2"} and pairs["q1"].id == c["pair_id"]
+    q1 = pairs["q1"]
+    assert (q1.score, q1.raw_score, q1.rank, q1.model_version, q1.threshold) == (
+        pytest.approx(0.9), pytest.approx(1.4), 1, "m1", pytest.approx(0.3))
+    assert (pairs["q2"].score, pairs["q2"].model_version) == (pytest.approx(0.85), "m2")
+    assert _state(db, q1.id) == "confirmed"
+    assert db.run("day-1").n_flagged == 2
+
+
 def test_incomplete_and_held_runs_are_not_offered(db):
-    from moderation.db import MatchRunRecord, pairs_from
+    from moderation.db import FlaggedPair
 
     seed_run(db, "day-1", [("q1", "r1", 0.9)])
-    run = MatchRunRecord(batch="day-1", model_version="m1", stats_version="s1", index_version="i1",
-                         threshold=0.0)
-    db.start_run(run)  # a rerun in progress: its earlier pairs wait
-    assert review.pending(db) == [] and review.claim(db, "alice", 5) == []
-    db.finish_run(run, pairs_from(db.pairs()))
-    assert len(review.pending(db)) == 1
+    first = _rerun("day-0")
+    db.start_run(first)  # a batch's first attempt, still running: nothing of it is offered
+    assert [r["query_id"] for r in review.pending(db)] == ["q1"]
+    db.fail_run("day-0", "crashed")
+    assert [r["query_id"] for r in review.pending(db)] == ["q1"]
+    db.finish_run(first, [FlaggedPair("q0", "r0", 0.6, 0.5, 1)])
+    assert len(review.pending(db)) == 2
     quality = pytest.importorskip("moderation.quality")
     if not hasattr(quality, "place_hold"):
         pytest.skip("quality hold-back not available")
     seed_run(db, "day-2", [("q2", "r2", 0.95)])
     quality.place_hold(db, "day-2", "spike", status=quality.HOLD_HELD)
-    assert [r["query_id"] for r in review.pending(db)] == ["q1"]
-    assert [c["query_id"] for c in review.claim(db, "alice", 5)] == ["q1"]
+    assert [r["query_id"] for r in review.pending(db)] == ["q1", "q0"]
+    assert [c["query_id"] for c in review.claim(db, "alice", 5)] == ["q1", "q0"]
+
+
+def test_crashed_rerun_keeps_the_last_complete_pairs_in_review(db):
+    """A rerun publishes its pairs only when it completes; until then the last complete ones stay."""
+    from moderation.db import FlaggedPair
+
+    run_id = seed_run(db, "day-1", [("q1", "r1", 0.9), ("q2", "r2", 0.8), ("q3", "r3", 0.7)])
+    rerun = _rerun("day-1")
+    assert db.start_run(rerun) == run_id  # the rerun starts, then its process dies: never finished
+    assert db.run("day-1").status == "running"
+    assert [r["query_id"] for r in review.pending(db)] == ["q1", "q2", "q3"]
+    [c] = review.claim(db, "alice", 1)
+    review.decide(db, c["pair_id"], "alice", "confirmed")
+    db.fail_run("day-1", "killed")  # a later attempt that fails is no different
+    assert db.run("day-1").status == "failed"
+    assert [r["query_id"] for r in review.pending(db)] == ["q2", "q3"]
+    assert [c["query_id"] for c in review.claim(db, "bob", 5)] == ["q2", "q3"]
+    review.release(db, "bob")
+    # The next complete attempt swaps its pairs in, all at once.
+    db.start_run(rerun)
+    db.finish_run(rerun, [FlaggedPair("q3", "r3", 0.9, 0.75, 1), FlaggedPair("q4", "r4", 0.8, 0.6, 1)])
+    assert db.run("day-1").status == "complete"
+    assert [r["query_id"] for r in review.pending(db)] == ["q3", "q4"]
+    assert _state(db, c["pair_id"]) == "confirmed"
 
 
 # -- input checks -------------------------------------------------------------------------------

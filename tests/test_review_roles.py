@@ -67,6 +67,8 @@ def test_moderator_reads_views_and_writes_only_through_functions(admin_db):
                 f"INSERT INTO review_claims (pair_id, moderator, expires_at) VALUES ({pid}, 'x', now())",
                 "UPDATE review_queue SET state = 'confirmed'",
                 "SELECT review_actor('someone')",
+                "UPDATE review_limits SET max_held_pairs = 1000, max_lease_seconds = 86400",
+                "SELECT review_claim_room('someone')",
             ]
             for sql in refused:
                 assert "permission denied" in _refused(mod, sql), sql
@@ -118,9 +120,48 @@ def test_pipeline_writes_runs_and_pairs_but_never_decisions(admin_db):
                 "DELETE FROM match_runs",
                 "TRUNCATE flagged_pairs CASCADE",
                 "UPDATE review_queue SET state = 'rejected'",
+                "UPDATE review_limits SET max_held_pairs = 1000",
                 "SELECT * FROM review_claim(1, 'p')",
                 f"SELECT review_decide({pid}, 'confirmed')",
             ):
                 assert "permission denied" in _refused(pipe, sql), sql
         finally:
             pipe.engine.dispose()
+
+
+def test_decided_pairs_are_immutable_for_every_role(admin_db):
+    """A decision stands on the pair it was made on: nobody re-points or re-scores it afterwards."""
+    run_id = seed_run(admin_db, "day-10", [("d1", "ref-a", 0.95), ("d2", "ref-b", 0.9)])
+    decided, undecided = sorted(p.id for p in admin_db.pairs(run_id))
+    with admin_db.engine.begin() as conn:
+        conn.execute(text("UPDATE flagged_pairs SET evidence_key = 'runs/x/evidence/e.jpg', "
+                          "heatmap_key = 'runs/x/evidence/e.heatmap.jpg' WHERE run_id = :r"), {"r": run_id})
+    review.claim_pair(admin_db, "alice", decided)
+    review.decide(admin_db, decided, "alice", "confirmed")
+    changes = (
+        f"UPDATE flagged_pairs SET reference_id = 'ref-other', score = 0.2 WHERE id = {decided}",
+        f"UPDATE flagged_pairs SET score = 0.99 WHERE id = {decided}",
+        f"UPDATE flagged_pairs SET model_version = 'm1', threshold = 0.9 WHERE id = {decided}",
+        f"UPDATE flagged_pairs SET evidence_key = 'runs/y/evidence/other.jpg' WHERE id = {decided}",
+        f"DELETE FROM flagged_pairs WHERE id = {decided}",
+    )
+    before = admin_db.pairs(run_id)
+    with login_role("moderation_pipeline") as user:
+        pipe = _as(admin_db, user)
+        try:
+            for db in (pipe, admin_db):  # the pipeline, and the superuser
+                for sql in changes:
+                    assert "has a moderator's decision" in _refused(db, sql), sql
+            # Undecided pairs stay writable, and pruning may clear a decided pair's evidence keys.
+            with pipe.engine.begin() as conn:
+                conn.execute(text(f"UPDATE flagged_pairs SET score = 0.85 WHERE id = {undecided}"))
+                conn.execute(text("UPDATE flagged_pairs SET evidence_key = NULL, heatmap_key = NULL "
+                                  f"WHERE id = {decided}"))
+        finally:
+            pipe.engine.dispose()
+    after = {p.id: p for p in admin_db.pairs(run_id)}
+    old = {p.id: p for p in before}
+    assert (after[decided].reference_id, after[decided].score) == ("ref-a", pytest.approx(0.95))
+    assert (after[decided].evidence_key, after[decided].heatmap_key) == (None, None)
+    assert after[undecided].score == pytest.approx(0.85)
+    assert old[decided].score == after[decided].score
