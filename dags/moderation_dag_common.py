@@ -59,12 +59,13 @@ def no_retry(fn, *args, **kwargs):
     - a missing prerequisite (``MissingPrerequisiteError``: no statistics for the index, no index for
       matching) skips the task, and with it the rest of the run, after a warning naming the DAG that
       produces it: the run came too early, nothing is broken, and retrying minutes later cannot help;
-    - a failed quality gate, bad configuration or a version mix fails the task at once: the data or the
-      setup must change first.
+    - a failed quality gate, bad configuration, a version mix or a broken ``CURRENT`` pointer fails the task
+      at once: the data, the setup or the pointer (by the rebuild its message names) must change first.
 
     Any other exception propagates and is retried as usual.
     """
-    from moderation.errors import ConfigError, MissingPrerequisiteError, VersionMismatchError
+    from moderation.errors import (ConfigError, CorruptPointerError, MissingPrerequisiteError,
+                                   VersionMismatchError)
     from moderation.quality import QualityGateError
 
     try:
@@ -72,7 +73,7 @@ def no_retry(fn, *args, **kwargs):
     except MissingPrerequisiteError as exc:
         log.warning("skipping this run: %s. Run the DAG %s first.", exc, exc.producer)
         raise AirflowSkipException(f"waiting for the DAG {exc.producer}: {exc}") from exc
-    except (QualityGateError, ConfigError, VersionMismatchError) as exc:
+    except (QualityGateError, ConfigError, VersionMismatchError, CorruptPointerError) as exc:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
 
