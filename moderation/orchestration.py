@@ -425,6 +425,17 @@ def calibrate_if_labelled(settings: Settings, built: Mapping[str, Any], *,
             "metrics": quality._jsonable(metrics)}
 
 
+def collect_garbage(settings: Settings) -> dict[str, Any]:
+    """Sweep the store (:func:`moderation.gc.collect_garbage` with the settings' grace period); returns its summary.
+
+    Reads: registry pointers and manifests, ``embeddings/``, ``runs/``, match_runs and flagged_pairs.
+    Writes: deletions only, each past ``MODERATION_GC_GRACE_HOURS`` or a retention period.
+    """
+    from moderation.gc import collect_garbage as sweep
+
+    return sweep(open_pipeline(settings)).summary()
+
+
 # -- daily matching --------------------------------------------------------------------------
 
 
