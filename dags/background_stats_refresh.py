@@ -50,7 +50,7 @@ def background_stats_refresh():
                                sample_size=params["sample_size"], seed=params["seed"], model_version=model)
 
     @task(doc_md="Reads: the sampled background images, the model. Writes: new vectors to "
-                 "embeddings/MODEL/, stats/MODEL/STATS/ + stats/MODEL/CURRENT when the fit changed, "
+                 "embeddings/MODEL/references/, stats/MODEL/STATS/ + stats/MODEL/CURRENT when the fit changed, "
                  "a stats_versions row. Gate: embeddings (dimension, unit norm, finite).")
     def fit(sampled: dict):
         from moderation import orchestration

@@ -61,12 +61,13 @@ def no_retry(fn, *args, **kwargs):
       produces it: the run came too early, nothing is broken, and retrying minutes later cannot help;
     - a batch with no images at all (``EmptyBatchError``: nothing uploaded for the day) skips the same way,
       with a warning that says how to match the day when its images arrive;
-    - a failed quality gate, bad configuration or a version mix fails the task at once: the data or the
-      setup must change first.
+    - a failed quality gate, bad configuration, a version mix or a broken ``CURRENT`` pointer fails the task
+      at once: the data, the setup or the pointer (by the rebuild its message names) must change first.
 
     Any other exception propagates and is retried as usual.
     """
-    from moderation.errors import ConfigError, EmptyBatchError, MissingPrerequisiteError, VersionMismatchError
+    from moderation.errors import (ConfigError, CorruptPointerError, EmptyBatchError, MissingPrerequisiteError,
+                                   VersionMismatchError)
     from moderation.quality import QualityGateError
 
     try:
@@ -77,7 +78,7 @@ def no_retry(fn, *args, **kwargs):
     except EmptyBatchError as exc:
         log.warning("skipping this run, nothing to do: %s", exc)
         raise AirflowSkipException(f"nothing to do: {exc}") from exc
-    except (QualityGateError, ConfigError, VersionMismatchError) as exc:
+    except (QualityGateError, ConfigError, VersionMismatchError, CorruptPointerError) as exc:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
 

@@ -65,7 +65,7 @@ def query_matching_daily():
         return common.no_retry(orchestration.check_query_batch, settings, batch)
 
     @task(doc_md="Reads: the day's queries, the serving model (newest with an index). Writes: new vectors "
-                 "in embeddings/MODEL/. Gate: embeddings (dimension, unit norm, finite).")
+                 "in embeddings/MODEL/queries/. Gate: embeddings (dimension, unit norm, finite).")
     def embed_queries(batch: str, checked: dict):
         from moderation import orchestration
 

@@ -6,8 +6,11 @@ statistics version in force for it, refuses shards embedded by another
 model, gates the reference batch and the vectors, then publishes an index
 version and emits ``moderation_index`` carrying the versions. When a
 labelled set exists under ``calibration/``, the new model/statistics pair is
-calibrated before the event. A run before the model has statistics skips
-(no failure, no retry) and its log names the DAG to run first.
+calibrated before the event. Last, ``gc`` sweeps the object store
+(``moderation gc``: superseded index versions, half-written publishes,
+failed runs' artifacts, orphan and expired cached vectors, old evidence). A
+run before the model has statistics skips (no failure, no retry) and its log
+names the DAG to run first.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def reference_index_nightly():
         return planned["shards"]
 
     @task(doc_md="Mapped, one per shard. Reads: the shard's references. Writes: its quality profile "
-                 "(quality/profiles/references/RUN/), new vectors in embeddings/MODEL/. "
+                 "(quality/profiles/references/RUN/), new vectors in embeddings/MODEL/references/. "
                  "Gate: embeddings (dimension, unit norm, finite).")
     def embed_shard(shard: dict, run_id=None):
         from moderation import orchestration
@@ -97,11 +100,23 @@ def reference_index_nightly():
             k: built[k] for k in ("model_version", "stats_version", "index_version", "count")}
         return built
 
+    @task(doc_md="Reads: registry pointers and manifests, embeddings/, runs/, match runs and flagged pairs. "
+                 "Writes: deletions only (`moderation gc`): superseded index/statistics versions, half-written "
+                 "version folders, failed runs' artifacts, cache parts without a manifest, query vectors and "
+                 "evidence past retention; nothing younger than MODERATION_GC_GRACE_HOURS, nothing in use. "
+                 "Runs after a successful build, so tonight's index counts among the kept versions.")
+    def gc(calibrated: dict):
+        from moderation import orchestration
+
+        return common.no_retry(orchestration.collect_garbage, common.settings())
+
     planned = plan()
     shards = embed_shard.expand(shard=planned)
     checked = check_references(planned, shards)
     built = build(planned, checked)
-    announce(built, calibrate(built))
+    calibrated = calibrate(built)
+    announce(built, calibrated)
+    gc(calibrated)
 
 
 reference_index_nightly()

@@ -187,6 +187,13 @@ def cmd_evidence_prune(args, settings):
     _print(evidence.prune_evidence(_pipeline(settings), older_than_days=args.older_than_days))
 
 
+def cmd_gc(args, settings):
+    from moderation.gc import collect_garbage
+
+    report = collect_garbage(_pipeline(settings), grace_hours=args.grace_hours, dry_run=args.dry_run)
+    _print(report.to_dict() if args.dry_run else report.summary())
+
+
 def cmd_demo(args, settings):
     from moderation.jobs import build_reference_index, calibrate_labelled, refresh_stats, run_matching
     from moderation.embedding import FolderSource
@@ -322,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev.add_parser("prune", help="remove evidence of decided pairs older than N days")
     p.add_argument("--older-than-days", type=int, help="default MODERATION_EVIDENCE_RETENTION_DAYS")
     p.set_defaults(func=cmd_evidence_prune)
+
+    p = sub.add_parser("gc", help="remove superseded versions, half-written publishes, failed runs' artifacts, "
+                                  "orphan and expired cached vectors, and evidence past retention")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed, with sizes; change nothing")
+    p.add_argument("--grace-hours", type=float, metavar="H",
+                   help="leave anything written in the last H hours (default MODERATION_GC_GRACE_HOURS, 24)")
+    p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("demo", help="make sample images and run the whole pipeline on them")
     p.add_argument("--dir", help="where to write the sample images (default HOME/demo-images)")

@@ -94,6 +94,10 @@ class Settings:
     evidence_max_pixels: int = 256 * 256
     evidence_max_pairs: int = 20_000  # per run: evidence beyond this many pairs is skipped
     evidence_retention_days: int = 90
+    # Storage hygiene (moderation.gc): what `moderation gc` keeps.
+    query_vector_retention_days: int = 30  # cached query vectors older than this are removed
+    gc_grace_hours: float = 24.0  # nothing younger is ever removed; must exceed the longest job
+    keep_versions: int = 3  # index and statistics versions kept per model besides the ones in use
     claim_lease_seconds: int = 900
     # Two-stage matching (moderation.two_stage): query views, then local-feature verification.
     verify: bool = True
@@ -141,6 +145,11 @@ class Settings:
                               "averages that many background neighbours)")
         if self.verify_topk < 0 or self.view_topk < 1:
             raise ConfigError("MODERATION_VERIFY_TOPK must be 0 or more and MODERATION_VIEW_TOPK at least 1")
+        if self.query_vector_retention_days < 0 or self.evidence_retention_days < 0:
+            raise ConfigError("MODERATION_QUERY_VECTOR_RETENTION_DAYS and MODERATION_EVIDENCE_RETENTION_DAYS "
+                              "must be 0 or more")
+        if not self.gc_grace_hours >= 0 or self.keep_versions < 0:
+            raise ConfigError("MODERATION_GC_GRACE_HOURS and MODERATION_KEEP_VERSIONS must be 0 or more")
         if self.max_local_features < 16:
             raise ConfigError("MODERATION_MAX_LOCAL_FEATURES must be at least 16")
         from moderation.views import ViewConfig

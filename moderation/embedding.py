@@ -3,7 +3,7 @@
 Decoding and preprocessing run in DataLoader workers; the model runs under
 ``torch.inference_mode`` on the CPU or a GPU. Each image is identified by
 its id and the sha256 of its bytes. Vectors are cached per model version by
-sha256 in the object store (``embeddings/MODEL/PART.npz``), so a nightly
+sha256 in the object store (:mod:`moderation.vector_cache`), so a nightly
 rerun embeds only new or changed images, and several workers (or Airflow
 mapped tasks) share one cache.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +26,7 @@ from moderation.errors import BadImageError, BatchFailedError
 from moderation.images import (Failure, ImageRef, decode_image, image_id_from, list_image_entries,
                                normalise_batch, preprocess_uint8, read_image_file, sha256_hex)
 from moderation.store import ObjectStore
+from moderation.vector_cache import VectorCache  # noqa: F401 (its old home; callers import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -117,52 +118,6 @@ class EmbeddingResult:
         return len(self.refs) + len(self.failures)
 
 
-class VectorCache:
-    """Vectors by sha256 for one model version, stored as npz parts in the object store."""
-
-    def __init__(self, store: ObjectStore | None, model_version: str):
-        self.store = store
-        self.prefix = f"embeddings/{model_version}/"
-        self._vectors: dict[str, np.ndarray] = {}
-        if store is not None:
-            for key in store.list(self.prefix):
-                if key.endswith(".npz"):
-                    self._load_part(store.get(key))
-
-    def _load_part(self, data: bytes) -> None:
-        import io
-
-        with np.load(io.BytesIO(data), allow_pickle=False) as part:
-            for sha, vec in zip(part["sha256"], part["vectors"]):
-                self._vectors[str(sha)] = vec
-
-    def __contains__(self, sha: str) -> bool:
-        return sha in self._vectors
-
-    def __len__(self) -> int:
-        return len(self._vectors)
-
-    def get(self, sha: str) -> np.ndarray:
-        return self._vectors[sha]
-
-    def add(self, shas: Sequence[str], vectors: np.ndarray) -> None:
-        """Remember new vectors and persist them as one new part (idempotent by content)."""
-        import io
-
-        new = [(s, v) for s, v in zip(shas, vectors) if s not in self._vectors]
-        if not new:
-            return
-        for s, v in new:
-            self._vectors[s] = v
-        if self.store is None:
-            return
-        new_shas = np.array([s for s, _ in new])
-        buf = io.BytesIO()
-        np.savez(buf, sha256=new_shas, vectors=np.stack([v for _, v in new]).astype(np.float32))
-        part = sha256_hex("".join(sorted(new_shas.tolist())).encode())[:16]
-        self.store.put(f"{self.prefix}{part}.npz", buf.getvalue())
-
-
 class _Images(Dataset):
     def __init__(self, source: ImageSource, refs: list[ImageRef], known: frozenset[str],
                  size: int, mode: ResizeMode, max_pixels: int, max_bytes: int):
@@ -173,11 +128,15 @@ class _Images(Dataset):
         return len(self.refs)
 
     def __getitem__(self, i: int):
+        return self.item(i, self.known)
+
+    def item(self, i: int, known: frozenset[str]):
+        """(i, sha, uint8 tensor or None if ``sha`` is in ``known``, failure reason, detail)."""
         data, reason, detail = read_input(self.source, self.refs[i])
         if reason:
             return i, "", None, reason, detail
         sha = sha256_hex(data)
-        if sha in self.known:
+        if sha in known:
             return i, sha, None, "", ""
         try:
             img = decode_image(data, self.max_pixels, self.max_bytes, min_size=self.size)
@@ -247,7 +206,7 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
 
     refs = list(source.refs() if refs is None else refs)
     device = device or torch.device("cpu")
-    known = frozenset() if cache is None else frozenset(cache._vectors)
+    known = frozenset() if cache is None else cache.known()
     dataset = _Images(source, refs, known, settings.image_size, settings.resize_mode,
                       settings.max_image_pixels, settings.max_file_bytes)
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.workers,
@@ -269,12 +228,15 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
             todo = []
             for i, sha, tensor, reason, detail in batch:
                 ref = refs[i]
+                if tensor is None and not reason:
+                    if (vec := cache.get(sha)) is not None:
+                        vectors[i], shas[i] = vec, sha
+                        n_cached += 1
+                        continue
+                    # Its cached part was corrupt or has gone: embed the image after all.
+                    _, sha, tensor, reason, detail = dataset.item(i, frozenset())
                 if reason:
                     failures.append(skipped(ref, reason, detail))
-                elif tensor is None:
-                    vectors[i] = cache.get(sha)
-                    shas[i] = sha
-                    n_cached += 1
                 else:
                     todo.append((i, sha, tensor))
             if todo:

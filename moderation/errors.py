@@ -26,6 +26,19 @@ class IntegrityError(ModerationError):
     """An artifact's bytes do not match the sha256 in its manifest."""
 
 
+class CorruptPointerError(IntegrityError):
+    """A ``CURRENT`` pointer, or the manifest it names, cannot be read.
+
+    Not a NotFoundError: something *was* published, so a caller must not fall
+    back to "nothing yet". ``key`` is the broken object; the message names the
+    command (and DAG) whose next publish rewrites the pointer.
+    """
+
+    def __init__(self, message: str, key: str):
+        self.key = key
+        super().__init__(message)
+
+
 class BadImageError(ModerationError):
     """An input file is not a usable image; ``reason`` is a short code."""
 

@@ -390,7 +390,8 @@ def _image(cache: dict, kind: str, location: str | None, read, renderer: _Render
 # -- retention ---------------------------------------------------------------------------------
 
 
-def prune_evidence(p, older_than_days: int | None = None, *, chunk: int = 500) -> dict[str, Any]:
+def prune_evidence(p, older_than_days: int | None = None, *, chunk: int = 500,
+                   dry_run: bool = False) -> dict[str, Any]:
     """Delete the evidence of pairs decided (confirmed or rejected) more than N days ago.
 
     N defaults to ``settings.evidence_retention_days``. Pending and
@@ -398,7 +399,8 @@ def prune_evidence(p, older_than_days: int | None = None, *, chunk: int = 500) -
     pairs' keys are cleared, per chunk: a crash in between leaves keys to
     missing objects, which the next prune clears (deleting a missing object
     is not an error). Only keys under ``runs/*/evidence/`` are ever
-    deleted. Returns counts and the cutoff.
+    deleted. Returns counts and the cutoff; a ``dry_run`` changes nothing
+    and also returns the ``keys`` it would delete.
     """
     from sqlalchemy import bindparam, update
 
@@ -412,9 +414,11 @@ def prune_evidence(p, older_than_days: int | None = None, *, chunk: int = 500) -
     rows = [r for r in review.pair_states(p.db, states=("confirmed", "rejected"))
             if (r["evidence_key"] or r["heatmap_key"]) and r["decided_at"] is not None
             and _aware(r["decided_at"]) < cutoff]
-    deleted = skipped = 0
+    doomed: list[str] = []
+    skipped = 0
     for i in range(0, len(rows), chunk):
         part = rows[i:i + chunk]
+        keys = []
         for r in part:
             for key in (r["evidence_key"], r["heatmap_key"]):
                 if not key:
@@ -423,15 +427,23 @@ def prune_evidence(p, older_than_days: int | None = None, *, chunk: int = 500) -
                     log.warning("not deleting %r (pair %s): not an evidence key", key, r["pair_id"])
                     skipped += 1
                     continue
-                p.store.delete(key)
-                deleted += 1
+                keys.append(key)
+        doomed += keys
+        if dry_run:
+            continue
+        for key in keys:
+            p.store.delete(key)
         with p.db.session() as s, s.begin():
             s.execute(update(FlaggedPairRow).where(FlaggedPairRow.id.in_(bindparam("ids", expanding=True)))
                       .values(evidence_key=None, heatmap_key=None), {"ids": [r["pair_id"] for r in part]})
-    log.info("pruned evidence of %d decided pairs (%d objects) decided before %s",
-             len(rows), deleted, cutoff.isoformat(timespec="seconds"))
-    return {"pairs": len(rows), "objects_deleted": deleted, "objects_skipped": skipped,
-            "older_than_days": days, "cutoff": cutoff.isoformat(timespec="seconds")}
+    log.info("%s evidence of %d decided pairs (%d objects) decided before %s",
+             "would prune" if dry_run else "pruned", len(rows), len(doomed),
+             cutoff.isoformat(timespec="seconds"))
+    out = {"pairs": len(rows), "objects_deleted": 0 if dry_run else len(doomed), "objects_skipped": skipped,
+           "older_than_days": days, "cutoff": cutoff.isoformat(timespec="seconds")}
+    if dry_run:
+        out["keys"] = doomed
+    return out
 
 
 def _aware(value: datetime) -> datetime:

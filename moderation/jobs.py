@@ -20,8 +20,7 @@ from moderation.calibration import calibrate
 from moderation.config import Settings
 from moderation.db import Database, FlaggedPair, MatchRunRecord, connect
 from moderation.descriptor import resolve_device
-from moderation.embedding import (EmbeddingResult, ImageSource, VectorCache, check_failure_rate,
-                                  dedupe_ids, embed)
+from moderation.embedding import EmbeddingResult, ImageSource, check_failure_rate, dedupe_ids, embed
 from moderation.errors import NotFoundError, VersionMismatchError
 from moderation.images import sha256_hex
 from moderation.layout import INDEX_DAG, STATS_DAG
@@ -33,6 +32,7 @@ from moderation.registry import (Calibration, IndexVersion, Kind, ModelVersion, 
                                  StatsVersion, new_version_id)
 from moderation.statistics import BackgroundIndex, Postprocessor, fit_postprocessor
 from moderation.store import ObjectStore, open_store
+from moderation.vector_cache import Namespace, VectorCache
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +106,26 @@ class Pipeline:
             return {}
         return json.loads(self.registry.load(Kind.INDEX, version, "shas.json"))
 
-    def current_calibration(self, model: ModelVersion, stats: StatsVersion) -> Calibration | None:
+    def current_calibration(self, model: ModelVersion, stats: StatsVersion, *,
+                            replacing: bool = False) -> Calibration | None:
+        """The calibration in force for the pair, or None.
+
+        A broken pointer raises CorruptPointerError, unless ``replacing`` (the
+        caller is about to publish a calibration, which repairs it).
+        """
+        pins = {"model_version": model.version, "stats_version": stats.version}
+        if replacing:
+            return self.registry.replaceable_current(Kind.CALIBRATION, **pins)
         try:
-            return self.registry.current(Kind.CALIBRATION, model_version=model.version,
-                                         stats_version=stats.version)
+            return self.registry.current(Kind.CALIBRATION, **pins)
         except NotFoundError:
             return None
 
-    def embed(self, loaded: LoadedModel, source: ImageSource, what: str) -> EmbeddingResult:
+    def embed(self, loaded: LoadedModel, source: ImageSource, what: str,
+              namespace: Namespace = Namespace.REFERENCES) -> EmbeddingResult:
+        """Embed ``source`` through the model's vector cache in ``namespace`` (queries expire, references stay)."""
         settings = loaded.settings_for(self.settings)
-        cache = VectorCache(self.store, loaded.version)
+        cache = VectorCache(self.store, loaded.version, namespace)
         result = embed(loaded.module, source, settings, cache=cache,
                        device=resolve_device(settings.device.value), desc=f"embedding {what}")
         log.info("embedded %d %s (%d from cache, %d failed)", len(result.refs), what,
@@ -129,12 +139,12 @@ def _failure_summary(result: EmbeddingResult) -> dict:
 
 
 def _current_if_unchanged(p: Pipeline, kind: Kind, model: ModelVersion, content: str):
-    """The version in force for ``model`` if its content hash is ``content`` (a no-op rerun)."""
-    try:
-        current = p.registry.current(kind, model_version=model.version)
-    except NotFoundError:
-        return None
-    return current if current.content_sha256 == content else None
+    """The version in force for ``model`` if its content hash is ``content`` (a no-op rerun).
+
+    None too when the pointer is broken: the job then publishes, which repairs it.
+    """
+    current = p.registry.replaceable_current(kind, model_version=model.version)
+    return current if current is not None and current.content_sha256 == content else None
 
 
 # -- jobs ----------------------------------------------------------------------------------
@@ -179,6 +189,7 @@ def build_reference_index(p: Pipeline, source: ImageSource) -> IndexVersion:
     """
     model = p.current_model()
     stats = p.current_stats(model)
+    p.db.record_stats(stats)  # the index row refers to it, and this database may not have seen it yet
     post, _ = p.load_stats(stats)
     loaded = p.load(model)
     result = p.embed(loaded, source, "references")
@@ -234,12 +245,14 @@ class Pinned:
     calibration: Calibration | None
 
 
-def pin(p: Pipeline) -> Pinned:
+def pin(p: Pipeline, *, calibrating: bool = False) -> Pinned:
     """Resolve model -> index -> the index's own statistics version, and the calibration.
 
     The statistics come from the index's manifest, not the stats pointer, so
     a statistics refresh that has not yet been followed by an index rebuild
-    never mixes spaces. Raises VersionMismatchError on an inconsistent chain.
+    never mixes spaces. Raises VersionMismatchError on an inconsistent chain,
+    CorruptPointerError on a broken pointer (a broken calibration pointer
+    only when not ``calibrating``: calibrating replaces it).
     """
     model = p.current_model()
     index = p.current_index(model)
@@ -247,7 +260,7 @@ def pin(p: Pipeline) -> Pinned:
         raise VersionMismatchError(f"index {index.version} was built for model {index.model_version}, "
                                    f"not {model.version}")
     stats = p.registry.manifest(Kind.STATS, index.stats_version, model_version=model.version)
-    return Pinned(model, stats, index, p.current_calibration(model, stats))
+    return Pinned(model, stats, index, p.current_calibration(model, stats, replacing=calibrating))
 
 
 def _two_stage(p: Pipeline, pinned: Pinned, source: ImageSource, *, combiner=None, keep_all: bool = False):
@@ -266,7 +279,7 @@ def _two_stage(p: Pipeline, pinned: Pinned, source: ImageSource, *, combiner=Non
                                  max_pixels=p.settings.max_image_pixels, max_bytes=p.settings.max_file_bytes)
     result = match_queries(loaded.module, source, loaded.settings_for(p.settings), config, index, post, bg,
                            reference_features=refs.get if refs else None, combiner=combiner,
-                           cache=VectorCache(p.store, loaded.version),
+                           cache=VectorCache(p.store, loaded.version, Namespace.QUERIES),
                            device=resolve_device(p.settings.device.value), keep_all=keep_all)
     if refs is not None and refs.computed:
         log.warning("%d references had no cached local features and were described during matching; "
@@ -293,7 +306,7 @@ def calibrate_labelled(p: Pipeline, source: ImageSource, ground_truth: Path, *,
     from moderation.calibration import calibrate_fused
 
     gt = read_ground_truth(Path(ground_truth))
-    pinned = pin(p)
+    pinned = pin(p, calibrating=store)
     result, config, _, _ = _two_stage(p, pinned, source, keep_all=True)
     _check_batch(result, p.settings.max_failure_rate, "labelled queries")
     cands = result.candidates
@@ -375,7 +388,7 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
     try:
         result, config, locations, loaded = _two_stage(p, pinned, source, combiner=combiner)
         failures = _failure_summary(result)
-        run_folder = f"runs/{_safe_batch(batch)}"
+        run_folder = run_folder_of(batch)
         p.store.put(f"{run_folder}/failures.json", json.dumps(failures).encode(), "application/json")
         _check_batch(result, p.settings.max_failure_rate, "queries")
         cands = result.candidates
@@ -461,16 +474,22 @@ def _same_matching(cal: Calibration, wanted: dict) -> bool:
     return all(have.get(k, 0.0 if k == "crop_penalty" else None) == wanted.get(k) for k in keys)
 
 
+def run_folder_of(batch: str) -> str:
+    """The object folder of a batch's run artifacts (``runs/SLUG``), the same for every rerun."""
+    return f"runs/{_safe_batch(batch)}"
+
+
 def _safe_batch(batch: str) -> str:
     """A batch name as one object-key segment (a folder path becomes a readable slug)."""
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in batch.strip("/"))[-120:]
     return f"{slug.strip('._') or 'batch'}-{sha256_hex(batch.encode())[:8]}"
 
 
-def embed_shard(p: Pipeline, source: ImageSource, what: str = "shard") -> dict:
+def embed_shard(p: Pipeline, source: ImageSource, what: str = "shard",
+                namespace: Namespace = Namespace.REFERENCES) -> dict:
     """Embed a shard of images into the shared vector cache (Airflow mapped tasks); returns counts."""
     model = p.current_model()
-    result = p.embed(p.load(model), source, what)
+    result = p.embed(p.load(model), source, what, namespace)
     return {"model_version": model.version, "embedded": len(result.refs), "cached": result.cached,
             "failed": len(result.failures)}
 

@@ -44,6 +44,7 @@ from moderation.layout import (BACKGROUND_PREFIX, CALIBRATION_PREFIX, DB_CONN_ID
                                TRAINING_PREFIX, VALIDATION_PREFIX)
 from moderation.registry import Kind, ModelVersion, Registry
 from moderation.store import ObjectStore, open_store
+from moderation.vector_cache import Namespace
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ def fit_background_stats(settings: Settings, sample: Mapping[str, Any],
     source = StoreSource(settings, sample["prefix"], keys=tuple(sample["keys"]))
     result = p.embed(p.load(model), source, "background")
     gate = quality.check_embeddings(result.vectors, model.dim, "background", limits).raise_for_failure()
-    before = _current_version(p.registry, Kind.STATS, model_version=model.version)
+    before = _version_before(p.registry, Kind.STATS, model_version=model.version)
     stats = refresh_stats(p, source)
     return {"model_version": model.version, "stats_version": stats.version,
             "changed": stats.version != before, "previous": before, "n_background": stats.n_background,
@@ -289,6 +290,12 @@ def _current_version(registry: Registry, kind: Kind, **pins: str) -> str | None:
         return registry.current(kind, **pins).version
     except NotFoundError:
         return None
+
+
+def _version_before(registry: Registry, kind: Kind, **pins: str) -> str | None:
+    """The version in force before a task publishes one; None if none or its pointer is broken (publishing repairs it)."""
+    record = registry.replaceable_current(kind, **pins)
+    return record.version if record is not None else None
 
 
 # -- reference index -------------------------------------------------------------------------
@@ -330,7 +337,7 @@ def embed_reference_shard(settings: Settings, shard: Mapping[str, Any], *, run_i
 
     Reads: the shard's images. Writes: the shard's quality profile
     (``quality/profiles/references/RUN/shard-N.csv``), new vectors in
-    ``embeddings/MODEL/`` and, with verification on, new local features in
+    ``embeddings/MODEL/references/`` and, with verification on, new local features in
     ``features/CONFIG/``. Fails on non-finite, wrong-size or non-unit vectors.
     """
     p = open_pipeline(settings, shard["model_version"])
@@ -383,7 +390,7 @@ def build_index_version(settings: Settings, plan: Mapping[str, Any]) -> dict[str
     if stats.version != plan["stats_version"]:
         raise VersionMismatchError(f"statistics for model {model.version} moved from {plan['stats_version']} "
                                    f"to {stats.version} during this run; rerun the index DAG")
-    before = _current_version(p.registry, Kind.INDEX, model_version=model.version)
+    before = _version_before(p.registry, Kind.INDEX, model_version=model.version)
     index = build_reference_index(p, StoreSource(settings, plan["prefix"]))
     if (index.model_version, index.stats_version) != (plan["model_version"], plan["stats_version"]):
         raise VersionMismatchError(f"index {index.version} pins {index.model_version}/{index.stats_version}, "
@@ -407,7 +414,7 @@ def calibrate_if_labelled(settings: Settings, built: Mapping[str, Any], *,
         return {"calibrated": False, "reason": f"no labelled set at {gt_key}"}
     model = p.current_model()
     stats = p.registry.manifest(Kind.STATS, built["stats_version"], model_version=model.version)
-    if p.current_calibration(model, stats) is not None and not built.get("changed"):
+    if p.current_calibration(model, stats, replacing=True) is not None and not built.get("changed"):
         return {"calibrated": False, "reason": "this model/statistics pair is already calibrated"}
     with tempfile.TemporaryDirectory() as tmp:
         gt = Path(tmp) / "ground_truth.csv"
@@ -416,6 +423,17 @@ def calibrate_if_labelled(settings: Settings, built: Mapping[str, Any], *,
                                              target_precision=target_precision)
     return {"calibrated": True, "calibration_version": record.version, "threshold": record.threshold,
             "metrics": quality._jsonable(metrics)}
+
+
+def collect_garbage(settings: Settings) -> dict[str, Any]:
+    """Sweep the store (:func:`moderation.gc.collect_garbage` with the settings' grace period); returns its summary.
+
+    Reads: registry pointers and manifests, ``embeddings/``, ``runs/``, match_runs and flagged_pairs.
+    Writes: deletions only, each past ``MODERATION_GC_GRACE_HOURS`` or a retention period.
+    """
+    from moderation.gc import collect_garbage as sweep
+
+    return sweep(open_pipeline(settings)).summary()
 
 
 # -- daily matching --------------------------------------------------------------------------
@@ -468,7 +486,7 @@ def embed_query_batch(settings: Settings, batch: str,
     require_serving_index(settings)
     p = open_pipeline(settings)
     model = serving_model(p)
-    result = p.embed(p.load(model), StoreSource(settings, batch), "queries")
+    result = p.embed(p.load(model), StoreSource(settings, batch), "queries", Namespace.QUERIES)
     gate = quality.check_embeddings(result.vectors, model.dim, "queries", limits).raise_for_failure()
     return {"batch": batch, "model_version": model.version, "embedded": len(result.refs),
             "cached": result.cached, "failed": len(result.failures), "embeddings_gate": gate.summary()}
@@ -586,7 +604,7 @@ def train_and_publish_model(settings: Settings, plan: Mapping[str, Any]) -> dict
     config = TrainConfig.from_dict(plan["config"])
     store = open_store(settings)
     registry = Registry(store) if plan.get("promote", True) else _NoPromoteRegistry(store)
-    before = _current_version(registry, Kind.MODEL)
+    before = _version_before(registry, Kind.MODEL)
     with tempfile.TemporaryDirectory() as tmp:
         val = plan.get("validation_prefix") or ""
         if val and store.exists(f"{val}ground_truth.csv"):

@@ -13,20 +13,30 @@ pointer moves leaves the previous version in force; a version without a
 manifest is never resolved. Readers resolve a pointer once per run and
 then read by explicit version (pinning). Loading a file checks its sha256
 against the manifest and raises IntegrityError on a mismatch.
+
+A pointer or manifest that cannot be parsed (a flipped byte, a truncated
+write by some other tool) raises CorruptPointerError / IntegrityError whose
+message names the object and the command and DAG that republish it
+(:data:`REBUILD`); the jobs that publish a kind treat its broken pointer as
+"nothing in force" so that rerunning them repairs it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
-from moderation.errors import IntegrityError, NotFoundError
+from moderation.errors import CorruptPointerError, IntegrityError, NotFoundError
 from moderation.images import sha256_hex
-from moderation.store import ObjectStore
+from moderation.layout import INDEX_DAG, STATS_DAG
+from moderation.store import ObjectStore, validate_key
+
+log = logging.getLogger(__name__)
 
 POINTER = "CURRENT"
 MANIFEST = "manifest.json"
@@ -37,6 +47,19 @@ class Kind(str, Enum):
     STATS = "stats"
     INDEX = "indexes"
     CALIBRATION = "calibrations"
+
+
+# What publishes a new version of each kind, and so rewrites its pointer.
+REBUILD = {
+    Kind.MODEL: "register one with `moderation model import --torchscript FILE`, or delete models/CURRENT "
+                "and the next job registers the default model",
+    Kind.STATS: f"`moderation stats refresh --images BACKGROUND_DIR` (on Airflow: the DAG {STATS_DAG})",
+    Kind.INDEX: f"`moderation index build --images REFERENCES_DIR` (on Airflow: the DAG {INDEX_DAG})",
+    Kind.CALIBRATION: "`moderation calibrate --images LABELLED_DIR --ground-truth CSV` (on Airflow: the DAG "
+                      f"{INDEX_DAG} calibrates when calibration/ground_truth.csv exists)",
+}
+_NAMES = {Kind.MODEL: "model", Kind.STATS: "background statistics", Kind.INDEX: "reference index",
+          Kind.CALIBRATION: "calibration"}
 
 
 def now_iso() -> str:
@@ -125,6 +148,14 @@ class Calibration:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Pointer:
+    """A parsed ``CURRENT`` pointer: the version in force and when it was set (None if not recorded)."""
+
+    version: str
+    at: datetime | None
+
+
 RECORDS = {Kind.MODEL: ModelVersion, Kind.STATS: StatsVersion, Kind.INDEX: IndexVersion,
            Kind.CALIBRATION: Calibration}
 Record = ModelVersion | StatsVersion | IndexVersion | Calibration
@@ -179,32 +210,91 @@ class Registry:
         self.store.put(f"{scope}/{POINTER}", _dumps({"version": record.version, "at": now_iso()}),
                        "application/json")
 
+    def pointer(self, kind: Kind, **pins: str) -> Pointer | None:
+        """The scope's ``CURRENT`` pointer, or None if nothing was published.
+
+        Raises CorruptPointerError if the object is not a JSON object naming a
+        version (one key segment); StoreError if the store is unreachable.
+        """
+        return self.read_pointer(kind, _scope(kind, pins))
+
+    def read_pointer(self, kind: Kind, scope: str) -> Pointer | None:
+        """:meth:`pointer` by the scope's folder (``indexes/MODEL``...), for code that walks the store."""
+        key = f"{scope}/{POINTER}"
+        try:
+            raw = self.store.get(key)
+        except NotFoundError:
+            return None
+        try:
+            obj = json.loads(raw)
+            version = obj["version"]
+            if not isinstance(version, str) or not version or "/" in version:
+                raise ValueError(f"version {version!r}")
+            validate_key(f"{scope}/{version}/{MANIFEST}")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptPointerError(_broken(kind, key, f"is not a valid pointer ({type(exc).__name__})"),
+                                      key) from None
+        return Pointer(version, _parse_time(obj.get("at")))
+
     def current(self, kind: Kind, **pins: str) -> Record:
         """The version in force for ``pins`` (e.g. ``model_version=...``).
 
-        Raises NotFoundError if none was published.
+        Raises NotFoundError if none was published, CorruptPointerError if
+        the pointer, or the manifest it names, is missing or unreadable.
         """
         scope = _scope(kind, pins)
+        pointer = self.pointer(kind, **pins)
+        if pointer is None:
+            raise NotFoundError(f"nothing published yet under {scope}")
         try:
-            pointer = json.loads(self.store.get(f"{scope}/{POINTER}"))
+            return self.manifest(kind, pointer.version, scope=scope)
+        except (NotFoundError, IntegrityError) as exc:
+            what = "has no manifest" if isinstance(exc, NotFoundError) else "has an unreadable manifest"
+            key = f"{scope}/{POINTER}"
+            raise CorruptPointerError(_broken(kind, key, f"names version {pointer.version}, which {what}"),
+                                      key) from None
+
+    def replaceable_current(self, kind: Kind, **pins: str) -> Record | None:
+        """The version in force, for a job about to publish the next one; None if there is none.
+
+        A broken pointer also gives None (with a warning): the publish that
+        follows rewrites it, which is how the error messages say to repair it.
+        """
+        try:
+            return self.current(kind, **pins)
         except NotFoundError:
-            raise NotFoundError(f"nothing published yet under {scope}") from None
-        return self.manifest(kind, pointer["version"], scope=scope)
+            return None
+        except CorruptPointerError as exc:
+            log.warning("%s (this job publishes a new version now)", exc)
+            return None
 
     def manifest(self, kind: Kind, version: str, *, scope: str | None = None, **pins: str) -> Record:
+        """A version's record. NotFoundError if it has no manifest; IntegrityError if that is unreadable."""
         scope = scope or _scope(kind, pins)
-        raw = json.loads(self.store.get(f"{scope}/{version}/{MANIFEST}"))
-        return RECORDS[kind](**raw)
+        key = f"{scope}/{version}/{MANIFEST}"
+        raw = self.store.get(key)
+        try:
+            record = RECORDS[kind](**json.loads(raw))
+        except (ValueError, TypeError) as exc:
+            raise IntegrityError(f"{key} is not a readable {_NAMES[kind]} manifest ({type(exc).__name__}); "
+                                 f"republish: {REBUILD[kind]}") from None
+        if record.version != version:
+            raise IntegrityError(f"{key} describes version {record.version!r}, not {version!r}; "
+                                 f"republish: {REBUILD[kind]}")
+        return record
 
     def versions(self, kind: Kind, **pins: str) -> list[Record]:
-        """Every published version under the scope, oldest first."""
+        """Every published version under the scope, oldest first; unreadable manifests are skipped (logged)."""
         scope = _scope(kind, pins)
         out = []
         for key in self.store.list(scope + "/"):
             rest = key[len(scope) + 1:]
             parts = rest.split("/")
             if len(parts) == 2 and parts[1] == MANIFEST:
-                out.append(self.manifest(kind, parts[0], scope=scope))
+                try:
+                    out.append(self.manifest(kind, parts[0], scope=scope))
+                except IntegrityError as exc:
+                    log.warning("skipping %s: %s", parts[0], exc)
         return sorted(out, key=lambda r: (r.created_at, r.version))
 
     def load(self, kind: Kind, record: Record, name: str) -> bytes:
@@ -221,6 +311,21 @@ class Registry:
 
     def key_of(self, kind: Kind, record: Record, name: str) -> str:
         return f"{_scope(kind, record)}/{record.version}/{name}"
+
+
+def _broken(kind: Kind, key: str, what: str) -> str:
+    return (f"{key} {what}: the {_NAMES[kind]} in force cannot be resolved. Publishing a new version "
+            f"rewrites the pointer: {REBUILD[kind]}")
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def _dumps(obj: Any) -> bytes:

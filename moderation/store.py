@@ -14,7 +14,8 @@ import re
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -46,6 +47,15 @@ def validate_key(key: str) -> str:
     if any(len(p.encode("utf-8")) > MAX_SEGMENT_BYTES for p in parts):
         raise ValueError(f"object key has a segment longer than {MAX_SEGMENT_BYTES} bytes")
     return key
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: its key, size in bytes and last-modified time (UTC; None if unknown)."""
+
+    key: str
+    size: int
+    modified: datetime | None
 
 
 class ObjectStore(ABC):
@@ -82,6 +92,15 @@ class ObjectStore(ABC):
     @abstractmethod
     def locate(self, key: str, expires: timedelta = timedelta(hours=1)) -> str:
         """A link a person can open: a presigned URL (S3) or a file path (local)."""
+
+    def entries(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Like :meth:`list`, with each object's size and last-modified time, in one listing.
+
+        The fallback asks for each size and knows no times (``modified`` None): callers that
+        delete by age must treat an unknown time as new.
+        """
+        for key in self.list(prefix):
+            yield ObjectInfo(key, self.size(key), None)
 
     def put_file(self, key: str, path: Path) -> None:
         self.put(key, Path(path).read_bytes())
@@ -147,6 +166,14 @@ class LocalStore(ObjectStore):
                     keys.append(rel)
         yield from sorted(keys)
 
+    def entries(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for key in self.list(prefix):
+            try:
+                st = self._path(key).stat()
+            except FileNotFoundError:  # deleted since the listing
+                continue
+            yield ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
+
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
@@ -171,7 +198,8 @@ class S3Store(ObjectStore):
         self._endpoint = endpoint
         # Short timeouts and few retries: a dead server must fail a task in
         # seconds with a clear message, and Airflow's task retries do the rest.
-        http = PoolManager(timeout=Timeout(connect=5, read=60),
+        # maxsize: parallel small reads (the vector cache's manifests) reuse connections.
+        http = PoolManager(timeout=Timeout(connect=5, read=60), maxsize=8,
                            retries=Retry(total=2, backoff_factor=0.3,
                                          status_forcelist=[500, 502, 503, 504]))
         self.client = Minio(endpoint, access_key=access_key or None, secret_key=secret_key or None,
@@ -232,10 +260,15 @@ class S3Store(ObjectStore):
         return int(self._call("stat", self.client.stat_object, self.bucket, self._key(key)).size)
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        yield from (e.key for e in self.entries(prefix))
+
+    def entries(self, prefix: str = "") -> Iterator[ObjectInfo]:
         start = len(self.prefix)
         objs = self._call("list", lambda: list(self.client.list_objects(
             self.bucket, prefix=self.prefix + prefix, recursive=True)))
-        yield from sorted(o.object_name[start:] for o in objs if not o.is_dir)
+        found = [ObjectInfo(o.object_name[start:], int(o.size or 0), _utc(o.last_modified))
+                 for o in objs if not o.is_dir]
+        yield from sorted(found, key=lambda e: e.key)
 
     def delete(self, key: str) -> None:
         self._call("delete", self.client.remove_object, self.bucket, self._key(key))
@@ -243,6 +276,12 @@ class S3Store(ObjectStore):
     def locate(self, key: str, expires: timedelta = timedelta(hours=1)) -> str:
         return self._call("presign", self.client.presigned_get_object, self.bucket, self._key(key),
                           expires=expires)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def open_store(settings: Settings) -> ObjectStore:

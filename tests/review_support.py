@@ -345,6 +345,26 @@ def upload_template(store) -> None:
             store.put(path.relative_to(folder).as_posix(), path.read_bytes())
 
 
+@contextmanager
+def s3_pipeline(home: Path, server, bucket: str, **extra: str):
+    """A pipeline on a fresh Postgres database and an S3 bucket (moto) holding the template's objects.
+
+    Yields (pipeline, env, samples); the database is dropped afterwards.
+    """
+    from conftest import s3_env
+    from moderation.jobs import Pipeline
+
+    samples, _ = pipeline_template()
+    with fresh_pg_database() as url:
+        env = {**pipeline_env(Path(home), url), **s3_env(server, bucket), **extra}
+        p = Pipeline.open(settings_from(env))
+        try:
+            upload_template(p.store)
+            yield p, env, samples
+        finally:
+            p.db.engine.dispose()
+
+
 class InterruptingSource:
     """A FolderSource that calls ``action()`` when the ``after``-th image is read (once).
 

@@ -85,6 +85,7 @@ def test_stats_index_matching_retry_and_rerun(stack, dags, pipeline, data):
     assert len(fault.hits) == 3, "the injected failure never happened"
     assert states["build"] == ("success", 2), states  # failed once, the retry finished the run
     assert sum(1 for k in states if k.startswith("embed_shard[")) == 3  # 20 refs / 8 per shard
+    assert states["gc"] == ("success", 1), states  # the store sweep ran (nothing is past its grace period)
     index = pipeline.registry.current(Kind.INDEX, model_version=model.version)
     assert (index.count, index.stats_version) == (len(data.references), stats.version)
     for name in ("index.faiss", "ids.json", "locations.json"):  # complete and intact (sha256 checked)

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.airflow
 
 EXPECTED = {
     "background_stats_refresh": {"sample", "fit", "announce"},
-    "reference_index_nightly": {"plan", "embed_shard", "check_references", "build", "calibrate", "announce"},
+    "reference_index_nightly": {"plan", "embed_shard", "check_references", "build", "calibrate", "announce",
+                                "gc"},
     "query_matching_daily": {"resolve_batch", "check_queries", "embed_queries", "match", "gate_flagged"},
     "sscd_retrain": {"plan", "train_evaluate_publish", "announce"},
 }
@@ -95,6 +96,9 @@ def test_schedules_and_asset_wiring(bag):
     assert outlets(stats, "announce") == {"moderation_stats"}
     assert outlets(index, "announce") == {"moderation_index"}
     assert outlets(match, "gate_flagged") == {"moderation_match_runs"}
+    # the store sweep runs once tonight's index is built and calibrated, whether or not it changed
+    assert index.get_task("gc").upstream_task_ids == {"calibrate"}
+    assert index.get_task("gc").downstream_task_ids == set()
     # the reference shards are a mapped task
     assert type(index.get_task("embed_shard")).__name__ in ("MappedOperator", "DecoratedMappedOperator")
 

@@ -9,6 +9,7 @@ appears in the code only with ``weights_only=True``.
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,36 @@ def test_torch_load_only_with_weights_only_and_no_pickle():
                 if isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is True:
                     offenders.append(f"{path.relative_to(REPO)}:{call.lineno} np.load(allow_pickle=True)")
     assert offenders == []
+
+
+def test_a_broken_index_pointer_is_a_clear_error_and_a_rebuild_repairs_it(tmp_path, s3_server, s3_bucket,
+                                                                          monkeypatch, capsys):
+    """Hardening item 13: on S3, a damaged indexes/MODEL/CURRENT stops matching with a message naming it and
+    the rebuild (command and DAG); the CLI exits 1 without a traceback; `index build` repairs it."""
+    from review_support import s3_pipeline
+
+    from moderation import cli
+    from moderation.embedding import FolderSource
+    from moderation.errors import ModerationError
+    from moderation.jobs import build_reference_index, run_matching
+
+    with s3_pipeline(tmp_path / "home", s3_server, s3_bucket) as (p, env, samples):
+        model = p.current_model().version
+        key = f"indexes/{model}/CURRENT"
+        good = p.store.get(key)
+        p.store.put(key, good[:-7])  # a truncated write
+        with pytest.raises(ModerationError) as info:
+            run_matching(p, FolderSource(samples.queries), "broken-pointer")
+        msg = str(info.value)
+        assert key in msg and "moderation index build" in msg and "reference_index_nightly" in msg
+        assert p.db.run("broken-pointer") is None  # nothing started
+
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert cli.main(["--quiet", "match", "--images", str(samples.queries)]) == 1
+        err = capsys.readouterr().err
+        assert f"moderation: error: {key}" in err and "Traceback" not in err
+
+        index = build_reference_index(p, FolderSource(samples.references))
+        assert json.loads(p.store.get(key))["version"] == index.version
+        assert run_matching(p, FolderSource(samples.queries), "repaired").n_queries > 0

@@ -7,12 +7,13 @@ import json
 import pytest
 
 from conftest import fast_env, s3_env
+from store_wrappers import PassThrough
 from moderation.config import Settings
 from moderation.errors import IntegrityError, NotFoundError
 from moderation.images import sha256_hex
 from moderation.registry import (MANIFEST, POINTER, Calibration, IndexVersion, Kind, ModelVersion, Registry,
                                  StatsVersion, new_version_id)
-from moderation.store import ObjectStore, open_store
+from moderation.store import open_store
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -23,35 +24,13 @@ def store(request, tmp_path):
     return open_store(Settings.from_env(env))
 
 
-class CrashOnPointer(ObjectStore):
+class CrashOnPointer(PassThrough):
     """Passes everything through, but 'crashes' when the CURRENT pointer is written."""
-
-    def __init__(self, inner: ObjectStore):
-        self.inner = inner
-        self.url = inner.url
 
     def put(self, key, data, content_type="application/octet-stream"):
         if key.endswith("/" + POINTER):
             raise RuntimeError("simulated crash before the pointer moved")
         self.inner.put(key, data, content_type)
-
-    def get(self, key):
-        return self.inner.get(key)
-
-    def exists(self, key):
-        return self.inner.exists(key)
-
-    def size(self, key):
-        return self.inner.size(key)
-
-    def list(self, prefix=""):
-        return self.inner.list(prefix)
-
-    def delete(self, key):
-        self.inner.delete(key)
-
-    def locate(self, key, expires=None):
-        return self.inner.locate(key)
 
 
 def model(version: str, **kw) -> ModelVersion:
@@ -170,3 +149,64 @@ def test_version_ids_are_sortable_and_unique():
     a, b = new_version_id(), new_version_id()
     assert a != b and len(a) == len("20250101T000000-") + 8
     assert new_version_id("abcdef0123456789").endswith("-abcdef01")
+
+
+BROKEN_POINTERS = {
+    "flipped byte": lambda good: good[:12] + bytes([good[12] ^ 0x20]) + good[13:],
+    "truncated": lambda good: good[: len(good) // 2],
+    "empty": lambda good: b"",
+    "not utf-8": lambda good: b"\xff\xfe\x00garbage",
+    "no version": lambda good: b'{"at": "2026-01-01T00:00:00+00:00"}',
+    "a list": lambda good: b'["i1"]',
+    "escaping version": lambda good: b'{"version": "../../models/m1"}',
+    "missing version": lambda good: b'{"version": "i-never-published"}',
+}
+
+
+@pytest.mark.parametrize("damage", sorted(BROKEN_POINTERS))
+def test_a_broken_pointer_names_itself_and_the_rebuild(store, damage):
+    """Hardening item 13: a bad CURRENT is a clear ModerationError, not a raw JSON/Key/TypeError."""
+    from moderation.errors import ModerationError
+
+    reg = Registry(store)
+    reg.publish(Kind.INDEX, IndexVersion("i1", "mA", "s1", 10, 32, "Flat"), {"index.faiss": b"i"})
+    good = store.get("indexes/mA/CURRENT")
+    store.put("indexes/mA/CURRENT", BROKEN_POINTERS[damage](good))
+    with pytest.raises(ModerationError) as info:
+        reg.current(Kind.INDEX, model_version="mA")
+    assert type(info.value).__name__ == "CorruptPointerError" and not isinstance(info.value, NotFoundError)
+    msg = str(info.value)
+    assert msg.startswith("indexes/mA/CURRENT ") and info.value.key == "indexes/mA/CURRENT"
+    assert "moderation index build" in msg and "reference_index_nightly" in msg
+    # the job that publishes an index treats it as nothing in force, and publishing repairs it
+    assert reg.replaceable_current(Kind.INDEX, model_version="mA") is None
+    reg.publish(Kind.INDEX, IndexVersion("i2", "mA", "s1", 10, 32, "Flat"), {"index.faiss": b"j"})
+    assert reg.current(Kind.INDEX, model_version="mA").version == "i2"
+
+
+@pytest.mark.parametrize("kind,pins,command", [
+    (Kind.MODEL, {}, "moderation model import"),
+    (Kind.STATS, {"model_version": "mA"}, "moderation stats refresh"),
+    (Kind.CALIBRATION, {"model_version": "mA", "stats_version": "s1"}, "moderation calibrate"),
+])
+def test_every_kind_names_its_own_rebuild(store, kind, pins, command):
+    from moderation.errors import ModerationError
+    from moderation.registry import _scope
+
+    store.put(f"{_scope(kind, pins)}/{POINTER}", b"{not json")
+    with pytest.raises(ModerationError, match=command):
+        Registry(store).current(kind, **pins)
+
+
+def test_an_unreadable_manifest_is_an_integrity_error_and_is_skipped_in_listings(store):
+    from moderation.errors import ModerationError
+
+    reg = Registry(store)
+    reg.publish(Kind.MODEL, model("m1"), {"model.pt": b"one"})
+    reg.publish(Kind.MODEL, model("m2"), {"model.pt": b"two"})
+    store.put(f"models/m2/{MANIFEST}", b'{"version": "m2", "dim": ')
+    with pytest.raises(IntegrityError, match="models/m2/manifest.json is not a readable model manifest"):
+        reg.manifest(Kind.MODEL, "m2")
+    with pytest.raises(ModerationError, match="names version m2, which has an unreadable manifest"):
+        reg.current(Kind.MODEL)
+    assert [r.version for r in reg.versions(Kind.MODEL)] == ["m1"]
