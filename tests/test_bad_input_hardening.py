@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fault_ledger import record
 from moderation.embedding import FolderSource, embed
 from moderation.errors import BadImageError
 from moderation.images import decode_image, list_image_files, read_image_file
@@ -40,8 +41,12 @@ def test_links_fifos_and_linked_folders_are_refused_with_reasons(hostile, fast_s
     import torch
 
     result = embed(lambda x: torch.zeros(x.shape[0], 4), FolderSource(hostile), fast_settings)
-    assert result.ids == ["good"]
     reasons = {f.image_id: f.reason for f in result.failures}
+    hostile_ids = {"link", "shadow", "dangling", "loop", "pipe"}
+    record("hostile input", "links out of the folder (/etc/shadow, a photo), dangling, loop, FIFO, linked folder",
+           tried=len(hostile_ids) + 1, survived=len(hostile_ids & set(reasons)) + ("private" not in result.ids),
+           lost=int("good" not in result.ids))
+    assert result.ids == ["good"]
     assert reasons == {"link": "symlink", "shadow": "symlink", "dangling": "symlink", "loop": "symlink",
                        "pipe": "not_a_file"}
     assert "private" not in reasons  # the linked folder is not descended
@@ -113,3 +118,36 @@ def test_an_object_larger_than_the_limit_is_refused_from_its_size(backend, tmp_p
     with pytest.raises(BadImageError) as exc:
         source.read("queries/big.png")
     assert exc.value.reason == "too_large_file" and "1000" in exc.value.detail
+
+
+def test_hostile_files_in_one_batch_are_recorded_and_the_batch_goes_on(tmp_path, fast_settings):
+    """Every kind of hostile file side by side with good ones: each refused with its reason, none read whole."""
+    import torch
+    from dataclasses import replace
+
+    root = tmp_path / "batch"
+    root.mkdir()
+    for i in range(3):
+        (root / f"good{i}.png").write_bytes(png(colour=(60 * i, 90, 30)))
+    with open(root / "huge.jpg", "wb") as fh:
+        fh.truncate(3 * 1024 ** 3)  # sparse 3 GiB
+    thin = io.BytesIO()
+    Image.new("L", (3_000_000, 1), 0).save(thin, format="PNG")
+    (root / "thin.png").write_bytes(thin.getvalue())
+    bomb = io.BytesIO()
+    Image.new("L", (6000, 6000), 0).save(bomb, format="PNG")  # ~36 KB that decodes to 36 MP
+    (root / "bomb.png").write_bytes(bomb.getvalue())
+    (root / "script.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\nshowpage\n")
+    (root / "truncated.jpg").write_bytes(png()[:40])
+    expected = {"huge": "too_large_file", "thin": "extreme_shape", "bomb": "decompression_bomb",
+                "truncated": "not_an_image"}
+    settings = replace(fast_settings, max_image_pixels=10_000_000, max_file_bytes=50_000_000)
+    result = embed(lambda x: torch.zeros(x.shape[0], 4), FolderSource(root, max_bytes=settings.max_file_bytes),
+                   settings)
+    reasons = {f.image_id: f.reason for f in result.failures}
+    good = {f"good{i}" for i in range(3)}
+    record("hostile input", "3 GiB file, 1×3,000,000 PNG, 36 MP PNG bomb, truncated file, beside good images",
+           tried=len(expected), survived=sum(reasons.get(k) == v for k, v in expected.items()),
+           lost=len(good - set(result.ids)))
+    assert set(result.ids) == good
+    assert {k: reasons.get(k) for k in expected} == expected

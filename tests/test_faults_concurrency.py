@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from fault_ledger import record
 from review_support import fresh_pg_database, moderator_loop, pair_ids, python_env, seed_run
 from sqlalchemy import text
 
@@ -72,6 +73,9 @@ def test_a_second_moderator_never_waits_for_a_claim_in_progress(queue_db):
             started = time.monotonic()
             got = second.execute(text("SELECT pair_id FROM review_claim(5, 'quick')")).scalars().all()
             waited = time.monotonic() - started
+        record("concurrent review", "a claim while another moderator's claim is still in its transaction",
+               tried=1, survived=int(len(got) == 5 and not set(got) & set(held) and waited < 1.0),
+               duplicated=len(set(got) & set(held)))
         assert len(got) == 5 and not set(got) & set(held)
         assert waited < 1.0, f"the second claim waited {waited:.2f}s"
         open_claim.rollback()  # the slow moderator gives up: its pairs were never claimed
@@ -105,6 +109,9 @@ def test_threads_never_share_a_pair(queue_db):
         t.join(120)
     assert not errors, errors
     claimed = [p for r in results.values() for p in r["claimed"]]
+    lost, dup = 240 - len(set(claimed)), len(claimed) - len(set(claimed))
+    record("concurrent review", "8 moderator threads claim and decide 240 pairs at once", tried=240,
+           survived=len(set(claimed)) - dup, lost=lost, duplicated=dup)
     assert len(claimed) == len(set(claimed)) == 240  # claimed at most once, and all of them
     assert sum(1 for r in results.values() if r["claimed"]) >= 2  # they really did work side by side
     _check_log(queue_db, [d for r in results.values() for d in r["decided"]])
@@ -130,6 +137,10 @@ def test_processes_with_releases_and_expired_leases(queue_db):
     released = Counter(p for o in outs for p in o["released"])
     claimed = Counter(p for o in outs for p in o["claimed"])
     # A pair is claimed again only after whoever held it released it.
+    doubled = sum(1 for p in claimed if claimed[p] > 1 + released[p])
+    stranded = len({c["pair_id"] for c in gone} - set(claimed))
+    record("concurrent review", "4 moderator processes, releases, 20 abandoned claims expiring",
+           tried=4 + len(gone), survived=4 + len(gone) - stranded - doubled, lost=stranded, duplicated=doubled)
     assert all(claimed[p] <= 1 + released[p] for p in claimed)
     assert {c["pair_id"] for c in gone} <= set(claimed)  # abandoned work came back
     with queue_db.engine.connect() as conn:

@@ -16,6 +16,7 @@ import pytest
 from review_support import (fresh_pg_database, local_pipeline, settings_from,
                             torch_single_thread)  # noqa: F401 (autouse)
 
+from fault_ledger import record
 from moderation import review
 from moderation.store import validate_key
 
@@ -52,9 +53,12 @@ def hostile_run(tmp_path_factory):
 
 def test_hostile_file_names_are_stored_verbatim(hostile_run):
     p, summary, _ = hostile_run
+    stored = {row.query_id for row in p.db.pairs(summary.run_id)}
+    record("hostile input", "query names with SQL, traversal, placeholders, non-ASCII, 240 chars; batch '../../..'",
+           tried=len(HOSTILE_NAMES), survived=len(stored & set(HOSTILE_NAMES)),
+           lost=len(set(HOSTILE_NAMES) - stored))
     assert p.db.run(HOSTILE_BATCH).status == "complete"
     assert summary.n_failed == 0
-    stored = {row.query_id for row in p.db.pairs(summary.run_id)}
     assert stored == set(HOSTILE_NAMES)
     claimed = {c["query_id"] for c in review.claim(p.db, "mod", 1000)}
     assert claimed == set(HOSTILE_NAMES)

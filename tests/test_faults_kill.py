@@ -26,6 +26,7 @@ from review_support import (fresh_pg_database, local_pipeline, python_env, setti
                             torch_single_thread)  # noqa: F401 (autouse)
 from sqlalchemy import text
 
+from fault_ledger import lost_and_duplicated, record
 from moderation.db import Database
 
 SUPPORT = Path(__file__).resolve().parent / "review_support.py"
@@ -69,9 +70,11 @@ def test_killed_run_leaves_nothing_half_written_and_reruns_complete(tmp_path):
         env, samples = local_pipeline(tmp_path / "home", url, MODERATION_THRESHOLD="0.2")
         db = Database(url)
         try:
+            clean = 0
             for where in ("evidence", "commit"):
                 _kill_at(where, env, samples.queries, tmp_path)
                 status, pairs = _state(db)
+                clean += status == "running" and pairs == []
                 assert status == "running", where  # started, never finished, never marked complete
                 assert pairs == [], where  # no pair of the killed attempt is visible
                 with db.engine.connect() as conn:
@@ -81,11 +84,14 @@ def test_killed_run_leaves_nothing_half_written_and_reruns_complete(tmp_path):
             status, pairs = _state(db)
             assert status == "complete"
             keys = [(q, r) for q, r, *_ in pairs]
+            cands = list(csv.DictReader(io.StringIO(p.store.get(summary.candidates_key).decode())))
+            expected = [(c["query_id"], c["reference_id"]) for c in cands if float(c["score"]) >= 0.2]
+            lost, dup = lost_and_duplicated(expected, keys)
+            record("kill -9", "matching killed while storing evidence, and inside the pairs transaction; "
+                   "then rerun", tried=2, survived=clean if status == "complete" else 0, lost=lost, duplicated=dup)
             assert len(keys) == len(set(keys)) == summary.n_flagged > 0
             # Exactly the candidates at or above the threshold, each with its evidence stored.
-            cands = list(csv.DictReader(io.StringIO(p.store.get(summary.candidates_key).decode())))
-            assert sorted(keys) == sorted((c["query_id"], c["reference_id"]) for c in cands
-                                          if float(c["score"]) >= 0.2)
+            assert sorted(keys) == sorted(expected)
             for *_, ev, hm in pairs:
                 assert ev and hm and p.store.exists(ev) and p.store.exists(hm)
             with db.engine.connect() as conn:
