@@ -192,3 +192,28 @@ def test_disabled_reference_and_bank_stop_matching_at_the_next_run_and_come_back
         summary = {b["bank"]: b for b in rc.bank_summaries(p.db)}
         assert summary["partner"]["enabled"] and summary["partner"]["flagged"] == 1
         assert [e["action"] for e in rc.control_log(p.db)] == ["enable", "enable", "disable", "disable"]
+
+
+def test_embedded_sqlite_has_the_same_controls_through_the_cli(tmp_path, monkeypatch, capsys):
+    from moderation.cli import main
+    from moderation.db import connect
+
+    monkeypatch.setenv("MODERATION_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MODERATION_DATABASE_URL", raising=False)
+    monkeypatch.delenv("MODERATION_STORE_URL", raising=False)
+    (tmp_path / "home").mkdir(exist_ok=True)
+    db = connect(f"sqlite:///{tmp_path / 'home' / 'moderation.db'}")
+    rc.register_banks(db, {"default": 2, "partner": 1}, "i1")
+    assert main(["bank", "disable", "partner", "--why", "licence expired", "--by", "ops"]) == 0
+    assert main(["reference", "policy", "r1", "strict", "--min-inliers", "30", "--why", "a logo", "--by", "ops"]) == 0
+    assert main(["bank", "disable", "nope", "--why", "typo", "--by", "ops"]) == 1  # unknown bank
+    assert main(["bank", "enable", "partner", "--why", "", "--by", "ops"]) == 1  # no reason
+    capsys.readouterr()
+    assert main(["bank", "list"]) == 0
+    listed = {b["bank"]: b["enabled"] for b in json.loads(capsys.readouterr().out)}
+    assert listed == {"default": True, "partner": False}
+    controls = rc.read_controls(db)
+    assert controls.disabled_banks == {"partner"}
+    assert controls.policies == {"r1": rc.ReferencePolicy(rc.Policy.STRICT, 30)}
+    assert controls.removed({"a": "partner", "b": "default"}) == {"a"}
+    db.engine.dispose()
