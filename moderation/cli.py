@@ -181,6 +181,31 @@ def cmd_review(args, settings):
         _print(review.undo(p.db, args.moderator))
 
 
+def cmd_bank(args, settings):
+    from moderation import reference_controls as rc
+
+    db = _pipeline(settings).db
+    if args.bank_cmd == "list":
+        _print(rc.bank_summaries(db))
+    else:
+        _print(rc.set_bank_enabled(db, args.name, args.bank_cmd == "enable", args.why, args.by))
+
+
+def cmd_reference(args, settings):
+    from moderation import reference_controls as rc
+
+    db = _pipeline(settings).db
+    if args.reference_cmd in ("disable", "enable"):
+        _print(rc.set_reference_enabled(db, args.reference_id, args.reference_cmd == "enable", args.why, args.by))
+    elif args.reference_cmd == "policy":
+        _print(rc.set_reference_policy(db, args.reference_id, rc.Policy(args.policy), args.why,
+                                       min_inliers=args.min_inliers, by=args.by))
+    elif args.reference_cmd == "rejections":
+        _print(rc.reference_rejections(db, limit=args.limit))
+    elif args.reference_cmd == "log":
+        _print(rc.control_log(db, target=args.target, limit=args.limit))
+
+
 def cmd_evidence_prune(args, settings):
     from moderation import evidence
 
@@ -233,6 +258,11 @@ def cmd_train(args, settings):
 def _usage(msg: str) -> SystemExit:
     print(f"moderation: error: {msg}", file=sys.stderr)
     return SystemExit(2)
+
+
+def _add_change(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--why", required=True, help="the reason, kept in the change log")
+    p.add_argument("--by", help="who makes the change (default: the database user; required on SQLite)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,6 +354,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moderator", required=True)
     for name in ("list", "show", "claim", "release", "decide", "undo"):
         rv.choices[name].set_defaults(func=cmd_review)
+
+    bk = sub.add_parser("bank", help="reference banks: list, switch off and on (from the next matching run)")
+    bk = bk.add_subparsers(dest="bank_cmd", required=True)
+    bk.add_parser("list", help="banks with their state, sizes, flagged counts and observed precision")
+    for name, what in (("disable", "stop matching the bank's references"), ("enable", "match them again")):
+        p = bk.add_parser(name, help=what)
+        p.add_argument("name")
+        _add_change(p)
+    for name in ("list", "disable", "enable"):
+        bk.choices[name].set_defaults(func=cmd_bank)
+
+    rf = sub.add_parser("reference", help="single references: switch off and on, match policy, rejections")
+    rf = rf.add_subparsers(dest="reference_cmd", required=True)
+    for name, what in (("disable", "stop matching one reference"), ("enable", "match it again")):
+        p = rf.add_parser(name, help=what)
+        p.add_argument("reference_id")
+        _add_change(p)
+    p = rf.add_parser("policy", help="strict: flag only with enough inliers; suppress: never flag; normal: undo")
+    p.add_argument("reference_id")
+    p.add_argument("policy", choices=["normal", "strict", "suppress"])
+    p.add_argument("--min-inliers", type=int,
+                   help="strict only: the inliers needed (default MODERATION_STRICT_MIN_INLIERS)")
+    _add_change(p)
+    p = rf.add_parser("rejections", help="references with the most rejected pairs")
+    p.add_argument("--limit", type=int, default=50)
+    p = rf.add_parser("log", help="the change log of banks and references, newest first")
+    p.add_argument("--target", help="one bank or reference")
+    p.add_argument("--limit", type=int, default=100)
+    for name in ("disable", "enable", "policy", "rejections", "log"):
+        rf.choices[name].set_defaults(func=cmd_reference)
 
     ev = sub.add_parser("evidence", help="evidence images").add_subparsers(dest="sub", required=True)
     p = ev.add_parser("prune", help="remove evidence of decided pairs older than N days")

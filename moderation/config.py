@@ -109,6 +109,9 @@ class Settings:
     verify_topk: int = 10  # candidates verified per query
     verify_floor: float = -1.0  # candidates whose global normalised score is below this are not verified
     verify_workers: int = 2  # verification processes (0: in the matching process)
+    # False-positive suppression (moderation.suppression): the inliers a pair of a reference under the
+    # 'strict' policy needs, unless the policy names its own bar (ordinary verification needs 8).
+    strict_min_inliers: int = 25
     progress: bool = True
 
     @classmethod
@@ -150,6 +153,8 @@ class Settings:
                               "must be 0 or more")
         if not self.gc_grace_hours >= 0 or self.keep_versions < 0:
             raise ConfigError("MODERATION_GC_GRACE_HOURS and MODERATION_KEEP_VERSIONS must be 0 or more")
+        if self.strict_min_inliers < 1:
+            raise ConfigError("MODERATION_STRICT_MIN_INLIERS must be at least 1")
         if self.max_local_features < 16:
             raise ConfigError("MODERATION_MAX_LOCAL_FEATURES must be at least 16")
         from moderation.views import ViewConfig

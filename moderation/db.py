@@ -145,6 +145,34 @@ class FlaggedPairRow(Base):
     index_version: Mapped[str] = mapped_column(ForeignKey("index_versions.version"))
     calibration_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
     threshold: Mapped[float] = mapped_column(Float)
+    # Migration 0009: null on pairs flagged before banks existed.
+    bank: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    query_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class ReferenceBankRow(Base):
+    """A bank the latest index build saw (migration 0009); controls may name only these."""
+
+    __tablename__ = "reference_banks"
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    n_references: Mapped[int] = mapped_column(Integer, default=0)
+    index_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ReferenceControlRow(Base):
+    """Append-only log of operators' changes to banks and references (migrations 0009, 0010)."""
+
+    __tablename__ = "reference_control_log"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    target_kind: Mapped[str] = mapped_column(String(20))  # bank | reference
+    target: Mapped[str] = mapped_column(String(300))
+    action: Mapped[str] = mapped_column(String(20))  # disable | enable | normal | strict | suppress
+    min_inliers: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reason: Mapped[str] = mapped_column(Text)
+    changed_by: Mapped[str] = mapped_column(String(200))
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class ReviewDecisionRow(Base):
@@ -177,6 +205,8 @@ class FlaggedPair:
     reference_key: str | None = None
     evidence_key: str | None = None
     heatmap_key: str | None = None
+    bank: str | None = None
+    query_sha256: str | None = None
 
 
 @dataclass
@@ -351,7 +381,7 @@ class Database:
             return run_id
 
     _PAIR_COLUMNS = ("query_id", "reference_id", "query_key", "reference_key", "raw_score", "score",
-                     "rank", "evidence_key", "heatmap_key")
+                     "rank", "evidence_key", "heatmap_key", "bank", "query_sha256")
 
     def _copy_pairs(self, s: Session, run_id: int, pairs: Sequence[FlaggedPair],
                     scored_by: dict[str, Any]) -> None:
@@ -365,7 +395,7 @@ class Database:
         with driver.cursor() as cur:
             cur.execute("create temp table if not exists pairs_stage (query_id text, reference_id text, "
                         "query_key text, reference_key text, raw_score float8, score float8, rank int, "
-                        "evidence_key text, heatmap_key text) on commit drop")
+                        "evidence_key text, heatmap_key text, bank text, query_sha256 text) on commit drop")
             cur.execute("truncate pairs_stage")
             with cur.copy(f"copy pairs_stage ({', '.join(cols)}) from stdin") as copy:
                 for p in pairs:
@@ -410,7 +440,7 @@ class Database:
                 index_elements=["run_id", "query_id", "reference_id"],
                 set_={c: getattr(stmt.excluded, c) for c in
                       ("raw_score", "score", "rank", "query_key", "reference_key",
-                       "evidence_key", "heatmap_key", *scored_by)},
+                       "evidence_key", "heatmap_key", "bank", "query_sha256", *scored_by)},
                 where=undecided)
             s.execute(stmt)
 
@@ -553,6 +583,8 @@ _SQLITE_ADDED_COLUMNS = (
        for column, sql_type in (("model_version", "VARCHAR(200)"), ("stats_version", "VARCHAR(200)"),
                                 ("index_version", "VARCHAR(200)"), ("calibration_version", "VARCHAR(200)"),
                                 ("threshold", "FLOAT")))),
+    ("flagged_pairs", "bank", "VARCHAR(100)", None),
+    ("flagged_pairs", "query_sha256", "VARCHAR(64)", None),
 )
 
 

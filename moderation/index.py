@@ -10,7 +10,8 @@ life of an index version.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -20,9 +21,36 @@ from moderation.faiss_import import load_faiss
 
 @dataclass
 class ReferenceIndex:
+    """A FAISS index and the reference id of each position.
+
+    ``skip`` holds positions that searches pass over (operators' removal
+    list, applied at search time so a disabled reference stops matching
+    without a rebuild); see :meth:`without`.
+    """
+
     index: object  # faiss.Index
     ids: list[str]
     factory: str = "Flat"
+    skip: frozenset[int] = field(default_factory=frozenset)
+
+    def without(self, reference_ids: Iterable[str]) -> ReferenceIndex:
+        """This index (shared, not copied) with searches that never return ``reference_ids``.
+
+        Ids not in the index are ignored.
+        """
+        drop = set(reference_ids)
+        return replace(self, skip=frozenset(i for i, rid in enumerate(self.ids) if rid in drop))
+
+    def add(self, vectors: np.ndarray, ids: list[str]) -> None:
+        """Append vectors (already post-processed, as at build) under ``ids``; ModerationError on a clash."""
+        if set(ids) & set(self.ids) or len(set(ids)) != len(ids):
+            raise ModerationError("reference ids must be unique")
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        if x.ndim != 2 or x.shape[0] != len(ids) or (len(ids) and x.shape[1] != self.dim):
+            raise ModerationError(f"{len(ids)} ids for vectors of shape {x.shape}, index dimension {self.dim}")
+        if len(ids):
+            self.index.add(x)
+            self.ids.extend(ids)
 
     @property
     def dim(self) -> int:
@@ -44,10 +72,30 @@ class ReferenceIndex:
         k = min(k, len(self))
         if k == 0 or q.shape[0] == 0:
             return np.zeros((q.shape[0], 0), np.float32), [[] for _ in range(q.shape[0])]
-        scores, idx = self.index.search(q, k)
+        scores, idx = self._search(q, k)
         scores = np.where(idx < 0, -np.inf, scores).astype(np.float32)
         ids = [[self.ids[j] for j in row if j >= 0] for row in idx]
         return scores, ids
+
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.skip:
+            return self.index.search(q, k)
+        faiss = load_faiss()
+        skip = np.fromiter(sorted(self.skip), dtype=np.int64)
+        batch = faiss.IDSelectorBatch(skip)
+        selector = faiss.IDSelectorNot(batch)
+        try:
+            return self.index.search(q, k, params=_selector_params(faiss, self.index, selector))
+        except (RuntimeError, TypeError):
+            # An index type without selector support: fetch enough to drop the skipped positions.
+            scores, idx = self.index.search(q, min(k + len(skip), len(self)))
+            keep = ~np.isin(idx, skip)
+            out_s = np.full((q.shape[0], k), -np.inf, np.float32)
+            out_i = np.full((q.shape[0], k), -1, np.int64)
+            for row in range(q.shape[0]):
+                s_row, i_row = scores[row][keep[row]][:k], idx[row][keep[row]][:k]
+                out_s[row, :len(s_row)], out_i[row, :len(i_row)] = s_row, i_row
+            return out_s, out_i
 
     def serialise(self) -> tuple[bytes, bytes]:
         faiss = load_faiss()
@@ -62,6 +110,19 @@ class ReferenceIndex:
         if len(meta["ids"]) != index.ntotal:
             raise ModerationError("index and id list disagree in length; the artifact is corrupt")
         return cls(index, meta["ids"], meta.get("factory", "Flat"))
+
+
+def _selector_params(faiss, index, selector):
+    """Search parameters carrying ``selector``, of the type the index expects (IVF and HNSW keep their own knobs)."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+    except RuntimeError:
+        pass
+    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+    if hnsw is not None:
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=hnsw.efSearch)
+    return faiss.SearchParameters(sel=selector)
 
 
 def build_index(vectors: np.ndarray, ids: list[str], factory: str = "Flat",

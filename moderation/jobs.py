@@ -11,11 +11,16 @@ Order on a fresh system: ``refresh_stats`` (background) -> ``build_reference_ind
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from moderation.banks import DEFAULT_BANK, assign_banks
 from moderation.calibration import calibrate
 from moderation.config import Settings
 from moderation.db import Database, FlaggedPair, MatchRunRecord, connect
@@ -28,10 +33,12 @@ from moderation.index import ReferenceIndex, build_index
 from moderation.matching import candidates_csv, flagged, verification_csv
 from moderation.metrics import read_ground_truth
 from moderation.model_versions import LoadedModel, ensure_current_model, load_model
+from moderation.reference_controls import Controls, read_controls, register_banks
 from moderation.registry import (Calibration, IndexVersion, Kind, ModelVersion, Registry,
                                  StatsVersion, new_version_id)
 from moderation.statistics import BackgroundIndex, Postprocessor, fit_postprocessor
 from moderation.store import ObjectStore, open_store
+from moderation.suppression import rejected_pairs, split_suppressed, suppressed_csv
 from moderation.vector_cache import Namespace, VectorCache
 
 log = logging.getLogger(__name__)
@@ -99,6 +106,20 @@ class Pipeline:
                                            self.registry.load(Kind.INDEX, version, "ids.json"))
         locations = json.loads(self.registry.load(Kind.INDEX, version, "locations.json"))
         return index, locations
+
+    def index_banks(self, version: IndexVersion, locations: dict[str, str]) -> dict[str, str]:
+        """Reference id -> bank of an index version (all ``default`` for an index built before banks)."""
+        if "banks.json" not in version.files:
+            return {rid: DEFAULT_BANK for rid in locations}
+        return json.loads(self.registry.load(Kind.INDEX, version, "banks.json"))
+
+    def index_held_out(self, version: IndexVersion) -> tuple[np.ndarray, list[str]]:
+        """(vectors, ids) of references the build left out of the index because they were disabled."""
+        if "held_out.json" not in version.files:
+            return np.zeros((0, version.dim), np.float32), []
+        ids = json.loads(self.registry.load(Kind.INDEX, version, "held_out.json"))
+        vectors = np.load(io.BytesIO(self.registry.load(Kind.INDEX, version, "held_out.npy")), allow_pickle=False)
+        return vectors, ids
 
     def index_shas(self, version: IndexVersion) -> dict[str, str]:
         """Reference id -> sha256 of an index version ({} for an index built before it was kept)."""
@@ -196,26 +217,48 @@ def build_reference_index(p: Pipeline, source: ImageSource) -> IndexVersion:
     check_failure_rate(result, p.settings.max_failure_rate, "reference set")
     features = reference_features(p, source, result)
     vectors = post.apply(result.vectors)
-    index = build_index(vectors, result.ids, p.settings.index_factory)
+    banks = assign_banks(source, result.refs)
+    held = _held_out(p, banks)
+    keep = np.array([rid not in held for rid in result.ids], bool)
+    index = build_index(vectors[keep], [rid for rid, k in zip(result.ids, keep) if k], p.settings.index_factory)
     index_bytes, ids_bytes = index.serialise()
     locations = json.dumps({r.image_id: r.location for r in result.refs}, sort_keys=True).encode()
     shas = json.dumps({r.image_id: r.sha256 for r in result.refs}, sort_keys=True).encode()
+    banks_bytes = json.dumps(banks, sort_keys=True).encode()
+    held_ids = json.dumps([rid for rid, k in zip(result.ids, keep) if not k]).encode()
+    held_buf = io.BytesIO()
+    np.save(held_buf, np.ascontiguousarray(vectors[~keep], np.float32), allow_pickle=False)
     content = sha256_hex(stats.version.encode() + p.settings.index_factory.encode()
-                         + ids_bytes + locations + vectors.tobytes())
+                         + ids_bytes + locations + vectors.tobytes() + banks_bytes + held_ids)
     if current := _current_if_unchanged(p, Kind.INDEX, model, content):
         log.info("reference set unchanged: index %s stays in force", current.version)
         p.db.record_index(current)
+        register_banks(p.db, Counter(banks.values()), current.version)
         return current
     record = IndexVersion(version=new_version_id(content), model_version=model.version,
                           stats_version=stats.version, count=len(index), dim=index.dim,
                           factory=p.settings.index_factory, content_sha256=content,
                           info={"failures": _failure_summary(result), "cached": result.cached,
-                                "local_features": features})
+                                "local_features": features, "banks": dict(Counter(banks.values())),
+                                "held_out": int((~keep).sum())})
     record = p.registry.publish(Kind.INDEX, record, {"index.faiss": index_bytes, "ids.json": ids_bytes,
-                                                     "locations.json": locations, "shas.json": shas})
+                                                     "locations.json": locations, "shas.json": shas,
+                                                     "banks.json": banks_bytes, "held_out.json": held_ids,
+                                                     "held_out.npy": held_buf.getvalue()})
     p.db.record_index(record)
+    register_banks(p.db, Counter(banks.values()), record.version)
     log.info("published index %s: %d references, factory %s", record.version, record.count, record.factory)
     return record
+
+
+def _held_out(p: Pipeline, banks: dict[str, str]) -> set[str]:
+    """References the build leaves out of the index (disabled now); none if that would leave it empty.
+
+    Their vectors are kept beside the index (held_out.npy) so that
+    re-enabling one brings it back at the next matching run, not the next build.
+    """
+    held = read_controls(p.db).removed(banks)
+    return held if len(held) < len(banks) else set()
 
 
 def reference_features(p: Pipeline, source: ImageSource, result: EmbeddingResult) -> dict | None:
@@ -263,8 +306,15 @@ def pin(p: Pipeline, *, calibrating: bool = False) -> Pinned:
     return Pinned(model, stats, index, p.current_calibration(model, stats, replacing=calibrating))
 
 
-def _two_stage(p: Pipeline, pinned: Pinned, source: ImageSource, *, combiner=None, keep_all: bool = False):
-    """Both matching stages over ``source`` with the pinned chain (one implementation for match and calibrate)."""
+def _two_stage(p: Pipeline, pinned: Pinned, source: ImageSource, *, combiner=None, keep_all: bool = False,
+               controls: Controls | None = None):
+    """Both matching stages over ``source`` with the pinned chain (one implementation for match and calibrate).
+
+    With ``controls``, the references they disable are not searched; the
+    ones the index build held out and that are enabled again are added back
+    to this run's copy of the index. Without (calibration), every reference
+    is searched. Returns (result, config, locations, loaded model, banks).
+    """
     from moderation.local_features import FeatureCache
     from moderation.reference_features import ReferenceFeatures
     from moderation.two_stage import TwoStageConfig, match_queries
@@ -272,6 +322,15 @@ def _two_stage(p: Pipeline, pinned: Pinned, source: ImageSource, *, combiner=Non
     loaded = p.load(pinned.model)
     post, bg = p.load_stats(pinned.stats)
     index, locations = p.load_index(pinned.index)
+    banks = p.index_banks(pinned.index, locations)
+    removed = (controls or Controls()).removed(banks)
+    held_vectors, held_ids = p.index_held_out(pinned.index)
+    back = [i for i, rid in enumerate(held_ids) if rid not in removed]
+    index.add(held_vectors[back], [held_ids[i] for i in back])
+    if removed:
+        index = index.without(removed)
+        log.info("%d references are disabled (banks off: %s) and are not searched", len(removed),
+                 ", ".join(sorted(controls.disabled_banks)) or "none")
     config = TwoStageConfig.from_settings(p.settings)
     refs = None
     if config.verify:
@@ -285,7 +344,7 @@ def _two_stage(p: Pipeline, pinned: Pinned, source: ImageSource, *, combiner=Non
         log.warning("%d references had no cached local features and were described during matching; "
                     "rebuild the index (reference_index_nightly / `moderation index build`) to precompute "
                     "them", refs.computed)
-    return result, config, locations, loaded
+    return result, config, locations, loaded, banks
 
 
 def _check_batch(result, limit: float, what: str) -> None:
@@ -307,7 +366,7 @@ def calibrate_labelled(p: Pipeline, source: ImageSource, ground_truth: Path, *,
 
     gt = read_ground_truth(Path(ground_truth))
     pinned = pin(p, calibrating=store)
-    result, config, _, _ = _two_stage(p, pinned, source, keep_all=True)
+    result, config, _, _, _ = _two_stage(p, pinned, source, keep_all=True)
     _check_batch(result, p.settings.max_failure_rate, "labelled queries")
     cands = result.candidates
     missing = [q for q in result.ids if q not in gt]
@@ -358,12 +417,21 @@ class MatchSummary:
     stats_version: str
     index_version: str
     candidates_key: str
+    n_suppressed: int = 0  # above the threshold but not flagged (runs/BATCH/suppressed.csv says why)
+    n_removed_references: int = 0  # disabled references (and banks) not searched
 
 
 def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
                  candidates_out: Path | None = None, evidence_source: ImageSource | None = None,
                  hold: str | None = None) -> MatchSummary:
     """Match a query batch, keep every candidate as a run artifact, flag pairs above the threshold.
+
+    The operators' controls are read at the start: disabled banks and
+    references are not searched, and pairs above the threshold that the
+    allow-list suppresses (a standing rejection of the same query content
+    and reference, a reference's ``strict`` or ``suppress`` policy) are not
+    flagged but written to ``runs/BATCH/suppressed.csv`` with the reason.
+    Flagged pairs carry their reference's bank and the query's sha256.
 
     The run is recorded per ``batch``: running it again replaces that run's
     results (no duplicate pairs) when it completes; until then the pairs of
@@ -386,7 +454,10 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
     run_id = p.db.start_run(run)
     failures = None
     try:
-        result, config, locations, loaded = _two_stage(p, pinned, source, combiner=combiner)
+        # Read once per run: a change made while the run is under way applies from the next run.
+        controls = read_controls(p.db)
+        result, config, locations, loaded, banks = _two_stage(p, pinned, source, combiner=combiner,
+                                                              controls=controls)
         failures = _failure_summary(result)
         run_folder = run_folder_of(batch)
         p.store.put(f"{run_folder}/failures.json", json.dumps(failures).encode(), "application/json")
@@ -395,18 +466,26 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
         csv_text = candidates_csv(cands)
         p.store.put(f"{run_folder}/candidates.csv", csv_text.encode(), "text/csv")
         p.store.put(f"{run_folder}/verification.csv", verification_csv(cands).encode(), "text/csv")
+        query_keys = {r.image_id: r.location for r in result.refs}
+        query_shas = {r.image_id: r.sha256 for r in result.refs}
+        chosen, suppressed = split_suppressed(flagged(cands, threshold), query_shas,
+                                              rejected_pairs(p.db, query_shas.values()), controls,
+                                              p.settings.strict_min_inliers)
+        p.store.put(f"{run_folder}/suppressed.csv", suppressed_csv(suppressed, banks).encode(), "text/csv")
         p.store.put(f"{run_folder}/matching.json", json.dumps(
             {"matching": config.as_dict(), "threshold": threshold, "threshold_source": source_name,
              "high_threshold": pinned.calibration.high_threshold if pinned.calibration else None,
-             "combiner": combiner.to_dict(), "seconds": result.seconds, "n_verified": result.n_verified},
+             "combiner": combiner.to_dict(), "seconds": result.seconds, "n_verified": result.n_verified,
+             "controls": controls.summary(), "n_removed_references": len(controls.removed(banks)),
+             "suppressed": dict(Counter(s.reason.value for s in suppressed))},
             indent=2, default=str).encode(), "application/json")
         if candidates_out:
             Path(candidates_out).write_text(csv_text)
-        query_keys = {r.image_id: r.location for r in result.refs}
-        chosen = flagged(cands, threshold)
         pairs = [FlaggedPair(c.query_id, c.reference_id, c.raw_score, c.score, c.rank,
                              query_key=query_keys.get(c.query_id),
-                             reference_key=locations.get(c.reference_id)) for c in chosen]
+                             reference_key=locations.get(c.reference_id),
+                             bank=banks.get(c.reference_id, DEFAULT_BANK),
+                             query_sha256=query_shas.get(c.query_id) or None) for c in chosen]
         if p.settings.evidence and pairs:
             geometry = {(c.query_id, c.reference_id): c.verification for c in chosen}
             pairs = _with_evidence(p, loaded, pairs, source, run_folder, geometry)
@@ -422,11 +501,12 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
         except Exception as mark_exc:  # the database may be what failed: keep the original error
             log.error("could not mark batch %s as failed: %s", batch, mark_exc)
         raise
-    log.info("batch %s: %d queries, %d candidates, %d flagged at threshold %.4f (%s)", batch,
-             run.n_queries, run.n_candidates, len(pairs), threshold, source_name)
+    log.info("batch %s: %d queries, %d candidates, %d flagged at threshold %.4f (%s), %d suppressed", batch,
+             run.n_queries, run.n_candidates, len(pairs), threshold, source_name, len(suppressed))
     return MatchSummary(run_id, batch, run.n_queries, run.n_failed, run.n_candidates, len(pairs),
                         threshold, source_name, pinned.model.version, pinned.stats.version,
-                        pinned.index.version, run.candidates_key)
+                        pinned.index.version, run.candidates_key, n_suppressed=len(suppressed),
+                        n_removed_references=len(controls.removed(banks)))
 
 
 def _with_evidence(p: Pipeline, loaded: LoadedModel, pairs: list[FlaggedPair], source: ImageSource,
