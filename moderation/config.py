@@ -109,6 +109,11 @@ class Settings:
     verify_topk: int = 10  # candidates verified per query
     verify_floor: float = -1.0  # candidates whose global normalised score is below this are not verified
     verify_workers: int = 2  # verification processes (0: in the matching process)
+    # PDQ beside the descriptor (moderation.pdq): a match of its own within this many bits, both hashes
+    # of at least this quality (Meta's recommended 31 and 50).
+    pdq: bool = True
+    pdq_max_distance: int = 31
+    pdq_min_quality: int = 50
     progress: bool = True
 
     @classmethod
@@ -152,6 +157,8 @@ class Settings:
             raise ConfigError("MODERATION_GC_GRACE_HOURS and MODERATION_KEEP_VERSIONS must be 0 or more")
         if self.max_local_features < 16:
             raise ConfigError("MODERATION_MAX_LOCAL_FEATURES must be at least 16")
+        if not 0 <= self.pdq_max_distance <= 256 or not 0 <= self.pdq_min_quality <= 100:
+            raise ConfigError("MODERATION_PDQ_MAX_DISTANCE must be 0-256 and MODERATION_PDQ_MIN_QUALITY 0-100")
         from moderation.views import ViewConfig
 
         ViewConfig.parse(self.views)  # ConfigError naming the unknown view kinds

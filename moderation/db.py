@@ -145,6 +145,9 @@ class FlaggedPairRow(Base):
     index_version: Mapped[str] = mapped_column(ForeignKey("index_versions.version"))
     calibration_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
     threshold: Mapped[float] = mapped_column(Float)
+    # Which signal flagged the pair (migration 0012): 'sscd' (descriptor), 'pdq' (PDQ hash), 'both'.
+    match_source: Mapped[str] = mapped_column(String(8), default="sscd", server_default="sscd")
+    pdq_distance: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ReviewDecisionRow(Base):
@@ -177,6 +180,8 @@ class FlaggedPair:
     reference_key: str | None = None
     evidence_key: str | None = None
     heatmap_key: str | None = None
+    match_source: str = "sscd"  # 'sscd', 'pdq' or 'both' (see moderation.pdq_matching)
+    pdq_distance: int | None = None
 
 
 @dataclass
@@ -351,7 +356,7 @@ class Database:
             return run_id
 
     _PAIR_COLUMNS = ("query_id", "reference_id", "query_key", "reference_key", "raw_score", "score",
-                     "rank", "evidence_key", "heatmap_key")
+                     "rank", "evidence_key", "heatmap_key", "match_source", "pdq_distance")
 
     def _copy_pairs(self, s: Session, run_id: int, pairs: Sequence[FlaggedPair],
                     scored_by: dict[str, Any]) -> None:
@@ -365,7 +370,7 @@ class Database:
         with driver.cursor() as cur:
             cur.execute("create temp table if not exists pairs_stage (query_id text, reference_id text, "
                         "query_key text, reference_key text, raw_score float8, score float8, rank int, "
-                        "evidence_key text, heatmap_key text) on commit drop")
+                        "evidence_key text, heatmap_key text, match_source text, pdq_distance int) on commit drop")
             cur.execute("truncate pairs_stage")
             with cur.copy(f"copy pairs_stage ({', '.join(cols)}) from stdin") as copy:
                 for p in pairs:
@@ -410,7 +415,7 @@ class Database:
                 index_elements=["run_id", "query_id", "reference_id"],
                 set_={c: getattr(stmt.excluded, c) for c in
                       ("raw_score", "score", "rank", "query_key", "reference_key",
-                       "evidence_key", "heatmap_key", *scored_by)},
+                       "evidence_key", "heatmap_key", "match_source", "pdq_distance", *scored_by)},
                 where=undecided)
             s.execute(stmt)
 
@@ -553,6 +558,8 @@ _SQLITE_ADDED_COLUMNS = (
        for column, sql_type in (("model_version", "VARCHAR(200)"), ("stats_version", "VARCHAR(200)"),
                                 ("index_version", "VARCHAR(200)"), ("calibration_version", "VARCHAR(200)"),
                                 ("threshold", "FLOAT")))),
+    ("flagged_pairs", "match_source", "VARCHAR(8) NOT NULL DEFAULT 'sscd'", None),
+    ("flagged_pairs", "pdq_distance", "INTEGER", None),
 )
 
 

@@ -28,6 +28,8 @@ from moderation.index import ReferenceIndex, build_index
 from moderation.matching import candidates_csv, flagged, verification_csv
 from moderation.metrics import read_ground_truth
 from moderation.model_versions import LoadedModel, ensure_current_model, load_model
+from moderation.pdq import PdqConfig, PdqIndex, cached_hash, pdq_cache
+from moderation.pdq_matching import PDQ_FILE, merge_pairs
 from moderation.registry import (Calibration, IndexVersion, Kind, ModelVersion, Registry,
                                  StatsVersion, new_version_id)
 from moderation.statistics import BackgroundIndex, Postprocessor, fit_postprocessor
@@ -122,12 +124,17 @@ class Pipeline:
             return None
 
     def embed(self, loaded: LoadedModel, source: ImageSource, what: str,
-              namespace: Namespace = Namespace.REFERENCES) -> EmbeddingResult:
-        """Embed ``source`` through the model's vector cache in ``namespace`` (queries expire, references stay)."""
+              namespace: Namespace = Namespace.REFERENCES, *, pdq: bool = False) -> EmbeddingResult:
+        """Embed ``source`` through the model's vector cache in ``namespace`` (queries expire, references stay).
+
+        With ``pdq`` (and MODERATION_PDQ on), PDQ hashes missing from the PDQ
+        cache of ``namespace`` are computed from the same decoded images.
+        """
         settings = loaded.settings_for(self.settings)
         cache = VectorCache(self.store, loaded.version, namespace)
+        hashes = pdq_cache(self.store, namespace) if pdq and self.settings.pdq else None
         result = embed(loaded.module, source, settings, cache=cache,
-                       device=resolve_device(settings.device.value), desc=f"embedding {what}")
+                       device=resolve_device(settings.device.value), desc=f"embedding {what}", pdq_cache=hashes)
         log.info("embedded %d %s (%d from cache, %d failed)", len(result.refs), what,
                  result.cached, len(result.failures))
         return dedupe_ids(result)
@@ -192,16 +199,19 @@ def build_reference_index(p: Pipeline, source: ImageSource) -> IndexVersion:
     p.db.record_stats(stats)  # the index row refers to it, and this database may not have seen it yet
     post, _ = p.load_stats(stats)
     loaded = p.load(model)
-    result = p.embed(loaded, source, "references")
+    result = p.embed(loaded, source, "references", pdq=True)
     check_failure_rate(result, p.settings.max_failure_rate, "reference set")
     features = reference_features(p, source, result)
+    pdq_index = reference_pdq(p, result)
     vectors = post.apply(result.vectors)
     index = build_index(vectors, result.ids, p.settings.index_factory)
     index_bytes, ids_bytes = index.serialise()
     locations = json.dumps({r.image_id: r.location for r in result.refs}, sort_keys=True).encode()
     shas = json.dumps({r.image_id: r.sha256 for r in result.refs}, sort_keys=True).encode()
+    pdq_part = b"" if pdq_index is None else (
+        "\n".join(pdq_index.ids).encode() + pdq_index.codes.tobytes() + pdq_index.quality.tobytes())
     content = sha256_hex(stats.version.encode() + p.settings.index_factory.encode()
-                         + ids_bytes + locations + vectors.tobytes())
+                         + ids_bytes + locations + vectors.tobytes() + pdq_part)
     if current := _current_if_unchanged(p, Kind.INDEX, model, content):
         log.info("reference set unchanged: index %s stays in force", current.version)
         p.db.record_index(current)
@@ -210,12 +220,29 @@ def build_reference_index(p: Pipeline, source: ImageSource) -> IndexVersion:
                           stats_version=stats.version, count=len(index), dim=index.dim,
                           factory=p.settings.index_factory, content_sha256=content,
                           info={"failures": _failure_summary(result), "cached": result.cached,
-                                "local_features": features})
-    record = p.registry.publish(Kind.INDEX, record, {"index.faiss": index_bytes, "ids.json": ids_bytes,
-                                                     "locations.json": locations, "shas.json": shas})
+                                "local_features": features,
+                                "pdq": None if pdq_index is None else {"hashes": len(pdq_index)}})
+    files = {"index.faiss": index_bytes, "ids.json": ids_bytes, "locations.json": locations, "shas.json": shas}
+    if pdq_index is not None:
+        files[PDQ_FILE] = pdq_index.to_bytes()
+    record = p.registry.publish(Kind.INDEX, record, files)
     p.db.record_index(record)
     log.info("published index %s: %d references, factory %s", record.version, record.count, record.factory)
     return record
+
+
+def reference_pdq(p: Pipeline, result: EmbeddingResult) -> PdqIndex | None:
+    """The references' PDQ hashes (from the PDQ cache the embedding filled); None if MODERATION_PDQ is off.
+
+    A reference whose hash could not be computed is left out (logged).
+    """
+    if not p.settings.pdq:
+        return None
+    cache = pdq_cache(p.store, Namespace.REFERENCES)
+    items = [(r.image_id, h) for r in result.refs if (h := cached_hash(cache, r.sha256)) is not None]
+    if len(items) < len(result.refs):
+        log.warning("%d of %d references have no PDQ hash", len(result.refs) - len(items), len(result.refs))
+    return PdqIndex.from_hashes(items)
 
 
 def reference_features(p: Pipeline, source: ImageSource, result: EmbeddingResult) -> dict | None:
@@ -280,7 +307,8 @@ def _two_stage(p: Pipeline, pinned: Pinned, source: ImageSource, *, combiner=Non
     result = match_queries(loaded.module, source, loaded.settings_for(p.settings), config, index, post, bg,
                            reference_features=refs.get if refs else None, combiner=combiner,
                            cache=VectorCache(p.store, loaded.version, Namespace.QUERIES),
-                           device=resolve_device(p.settings.device.value), keep_all=keep_all)
+                           device=resolve_device(p.settings.device.value), keep_all=keep_all,
+                           pdq_cache=pdq_cache(p.store, Namespace.QUERIES) if p.settings.pdq else None)
     if refs is not None and refs.computed:
         log.warning("%d references had no cached local features and were described during matching; "
                     "rebuild the index (reference_index_nightly / `moderation index build`) to precompute "
@@ -404,11 +432,10 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
             Path(candidates_out).write_text(csv_text)
         query_keys = {r.image_id: r.location for r in result.refs}
         chosen = flagged(cands, threshold)
-        pairs = [FlaggedPair(c.query_id, c.reference_id, c.raw_score, c.score, c.rank,
-                             query_key=query_keys.get(c.query_id),
-                             reference_key=locations.get(c.reference_id)) for c in chosen]
+        pdq_hits = _pdq_matches(p, pinned, result, run_folder)
+        pairs = merge_pairs(chosen, cands, pdq_hits, query_keys, locations)
         if p.settings.evidence and pairs:
-            geometry = {(c.query_id, c.reference_id): c.verification for c in chosen}
+            geometry = {(c.query_id, c.reference_id): c.verification for c in cands}
             pairs = _with_evidence(p, loaded, pairs, source, run_folder, geometry)
         run.n_queries = len(result.refs) + len(result.failures)
         run.n_failed = len(result.failures)
@@ -427,6 +454,23 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
     return MatchSummary(run_id, batch, run.n_queries, run.n_failed, run.n_candidates, len(pairs),
                         threshold, source_name, pinned.model.version, pinned.stats.version,
                         pinned.index.version, run.candidates_key)
+
+
+def _pdq_matches(p: Pipeline, pinned: Pinned, result, run_folder: str) -> list:
+    """The run's PDQ matches (none with MODERATION_PDQ off); what was searched goes to ``pdq.json``."""
+    if not p.settings.pdq:
+        return []
+    from moderation import pdq_matching
+
+    config = PdqConfig.from_settings(p.settings)
+    index, info = pdq_matching.run_index(p, pinned.index)
+    hits = pdq_matching.match(index, result.pdq, config)
+    p.store.put(f"{run_folder}/pdq.json", json.dumps(
+        {**info, **config.as_dict(), "queries_hashed": len(result.pdq), "matches": len(hits)},
+        indent=2).encode(), "application/json")
+    log.info("PDQ: %d matches of %d hashed queries against %d reference and %d bank hashes", len(hits),
+             len(result.pdq), info["references"], info["bank_hashes"])
+    return hits
 
 
 def _with_evidence(p: Pipeline, loaded: LoadedModel, pairs: list[FlaggedPair], source: ImageSource,
@@ -487,9 +531,12 @@ def _safe_batch(batch: str) -> str:
 
 def embed_shard(p: Pipeline, source: ImageSource, what: str = "shard",
                 namespace: Namespace = Namespace.REFERENCES) -> dict:
-    """Embed a shard of images into the shared vector cache (Airflow mapped tasks); returns counts."""
+    """Embed a shard of images into the shared vector cache (Airflow mapped tasks); returns counts.
+
+    Reference shards also fill the PDQ cache, so the index build decodes nothing again.
+    """
     model = p.current_model()
-    result = p.embed(p.load(model), source, what, namespace)
+    result = p.embed(p.load(model), source, what, namespace, pdq=namespace is Namespace.REFERENCES)
     return {"model_version": model.version, "embedded": len(result.refs), "cached": result.cached,
             "failed": len(result.failures)}
 
