@@ -212,6 +212,50 @@ def cmd_evidence_prune(args, settings):
     _print(evidence.prune_evidence(_pipeline(settings), older_than_days=args.older_than_days))
 
 
+def cmd_pdq_import(args, settings):
+    from moderation import hash_banks
+    from moderation.store import open_store
+
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModerationError(f"cannot read {path}: {exc}") from None
+    entries = hash_banks.parse_bank(text, hash_banks.BankFormat(args.format))
+    record = hash_banks.import_bank(open_store(settings), args.bank, entries, source=path.name)
+    _print(record.__dict__)
+
+
+def cmd_pdq_export(args, settings):
+    from moderation import hash_banks
+
+    if args.bank == hash_banks.REFERENCES:
+        from moderation.pdq import PdqIndex
+        from moderation.pdq_matching import PDQ_FILE
+        from moderation.registry import Kind
+
+        p = _pipeline(settings)
+        index = p.current_index(p.current_model())
+        if PDQ_FILE not in index.files:
+            raise ModerationError(f"index {index.version} has no PDQ hashes: rebuild it with MODERATION_PDQ on")
+        entries = hash_banks.index_entries(PdqIndex.from_bytes(p.registry.load(Kind.INDEX, index, PDQ_FILE)))
+    else:
+        from moderation.store import open_store
+
+        _, entries = hash_banks.load_bank(open_store(settings), args.bank)
+    fmt = hash_banks.BankFormat(args.format)
+    Path(args.file).write_text(hash_banks.format_bank(entries, fmt))
+    _print({"bank": args.bank, "file": args.file, "format": fmt.value, "count": len(entries)})
+
+
+def cmd_pdq_list(args, settings):
+    from moderation import hash_banks
+    from moderation.store import open_store
+
+    store = open_store(settings)
+    _print([hash_banks.current_version(store, name).__dict__ for name in hash_banks.list_banks(store)])
+
+
 def cmd_gc(args, settings):
     from moderation.gc import collect_garbage
 
@@ -396,6 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-hours", type=float, metavar="H",
                    help="leave anything written in the last H hours (default MODERATION_GC_GRACE_HOURS, 24)")
     p.set_defaults(func=cmd_gc)
+
+    pdq = sub.add_parser("pdq", help="PDQ hash banks (ThreatExchange / HMA hash lists)").add_subparsers(
+        dest="sub", required=True)
+    formats = ["auto", "te", "hashid", "csv"]
+    p = pdq.add_parser("import", help="import a PDQ hash list as a bank (a new version; matched in every run)")
+    p.add_argument("file", help="te: one hex hash a line; hashid: 'hash,id' lines; csv: with a header row")
+    p.add_argument("--bank", required=True, help="bank name (letters, digits, _ . -)")
+    p.add_argument("--format", choices=formats, default="auto")
+    p.set_defaults(func=cmd_pdq_import)
+    p = pdq.add_parser("export", help="write a bank (or, with --bank references, the indexed references' hashes)")
+    p.add_argument("--bank", required=True)
+    p.add_argument("file")
+    p.add_argument("--format", choices=formats[1:], default="csv")
+    p.set_defaults(func=cmd_pdq_export)
+    pdq.add_parser("list", help="the banks in force").set_defaults(func=cmd_pdq_list)
 
     p = sub.add_parser("demo", help="make sample images and run the whole pipeline on them")
     p.add_argument("--dir", help="where to write the sample images (default HOME/demo-images)")

@@ -112,6 +112,11 @@ class Settings:
     # False-positive suppression (moderation.suppression): the inliers a pair of a reference under the
     # 'strict' policy needs, unless the policy names its own bar (ordinary verification needs 8).
     strict_min_inliers: int = 25
+    # PDQ beside the descriptor (moderation.pdq): a match of its own within this many bits, both hashes
+    # of at least this quality (Meta's recommended 31 and 50).
+    pdq: bool = True
+    pdq_max_distance: int = 31
+    pdq_min_quality: int = 50
     progress: bool = True
 
     @classmethod
@@ -157,6 +162,8 @@ class Settings:
             raise ConfigError("MODERATION_STRICT_MIN_INLIERS must be at least 1")
         if self.max_local_features < 16:
             raise ConfigError("MODERATION_MAX_LOCAL_FEATURES must be at least 16")
+        if not 0 <= self.pdq_max_distance <= 256 or not 0 <= self.pdq_min_quality <= 100:
+            raise ConfigError("MODERATION_PDQ_MAX_DISTANCE must be 0-256 and MODERATION_PDQ_MIN_QUALITY 0-100")
         from moderation.views import ViewConfig
 
         ViewConfig.parse(self.views)  # ConfigError naming the unknown view kinds

@@ -148,6 +148,9 @@ class FlaggedPairRow(Base):
     # Migration 0009: null on pairs flagged before banks existed.
     bank: Mapped[str | None] = mapped_column(String(100), nullable=True)
     query_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Which signal flagged the pair (migration 0012): 'sscd' (descriptor), 'pdq' (PDQ hash), 'both'.
+    match_source: Mapped[str] = mapped_column(String(8), default="sscd", server_default="sscd")
+    pdq_distance: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ReferenceBankRow(Base):
@@ -207,6 +210,8 @@ class FlaggedPair:
     heatmap_key: str | None = None
     bank: str | None = None
     query_sha256: str | None = None
+    match_source: str = "sscd"  # 'sscd', 'pdq' or 'both' (see moderation.pdq_matching)
+    pdq_distance: int | None = None
 
 
 @dataclass
@@ -381,7 +386,8 @@ class Database:
             return run_id
 
     _PAIR_COLUMNS = ("query_id", "reference_id", "query_key", "reference_key", "raw_score", "score",
-                     "rank", "evidence_key", "heatmap_key", "bank", "query_sha256")
+                     "rank", "evidence_key", "heatmap_key", "bank", "query_sha256", "match_source",
+                     "pdq_distance")
 
     def _copy_pairs(self, s: Session, run_id: int, pairs: Sequence[FlaggedPair],
                     scored_by: dict[str, Any]) -> None:
@@ -395,7 +401,8 @@ class Database:
         with driver.cursor() as cur:
             cur.execute("create temp table if not exists pairs_stage (query_id text, reference_id text, "
                         "query_key text, reference_key text, raw_score float8, score float8, rank int, "
-                        "evidence_key text, heatmap_key text, bank text, query_sha256 text) on commit drop")
+                        "evidence_key text, heatmap_key text, bank text, query_sha256 text, match_source text, "
+                        "pdq_distance int) on commit drop")
             cur.execute("truncate pairs_stage")
             with cur.copy(f"copy pairs_stage ({', '.join(cols)}) from stdin") as copy:
                 for p in pairs:
@@ -440,7 +447,8 @@ class Database:
                 index_elements=["run_id", "query_id", "reference_id"],
                 set_={c: getattr(stmt.excluded, c) for c in
                       ("raw_score", "score", "rank", "query_key", "reference_key",
-                       "evidence_key", "heatmap_key", "bank", "query_sha256", *scored_by)},
+                       "evidence_key", "heatmap_key", "bank", "query_sha256", "match_source", "pdq_distance",
+                       *scored_by)},
                 where=undecided)
             s.execute(stmt)
 
@@ -585,6 +593,8 @@ _SQLITE_ADDED_COLUMNS = (
                                 ("threshold", "FLOAT")))),
     ("flagged_pairs", "bank", "VARCHAR(100)", None),
     ("flagged_pairs", "query_sha256", "VARCHAR(64)", None),
+    ("flagged_pairs", "match_source", "VARCHAR(8) NOT NULL DEFAULT 'sscd'", None),
+    ("flagged_pairs", "pdq_distance", "INTEGER", None),
 )
 
 

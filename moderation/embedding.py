@@ -25,6 +25,7 @@ from moderation.config import ResizeMode, Settings
 from moderation.errors import BadImageError, BatchFailedError
 from moderation.images import (Failure, ImageRef, decode_image, image_id_from, list_image_entries,
                                normalise_batch, preprocess_uint8, read_image_file, sha256_hex)
+from moderation.pdq import PdqHash, add_hashes, safe_pdq
 from moderation.store import ObjectStore
 from moderation.vector_cache import VectorCache  # noqa: F401 (its old home; callers import it from here)
 
@@ -119,30 +120,40 @@ class EmbeddingResult:
 
 
 class _Images(Dataset):
+    """Reads, decodes and preprocesses one image; ``pdq_known`` None: no PDQ hashes wanted."""
+
     def __init__(self, source: ImageSource, refs: list[ImageRef], known: frozenset[str],
-                 size: int, mode: ResizeMode, max_pixels: int, max_bytes: int):
+                 size: int, mode: ResizeMode, max_pixels: int, max_bytes: int,
+                 pdq_known: frozenset[str] | None = None):
         self.source, self.refs, self.known = source, refs, known
         self.size, self.mode, self.max_pixels, self.max_bytes = size, mode, max_pixels, max_bytes
+        self.pdq_known = pdq_known
 
     def __len__(self) -> int:
         return len(self.refs)
 
     def __getitem__(self, i: int):
-        return self.item(i, self.known)
+        return self.item(i, self.known, self.pdq_known)
 
-    def item(self, i: int, known: frozenset[str]):
-        """(i, sha, uint8 tensor or None if ``sha`` is in ``known``, failure reason, detail)."""
+    def item(self, i: int, known: frozenset[str], pdq_known: frozenset[str] | None = None):
+        """(i, sha, uint8 tensor or None if ``sha`` is in ``known``, PDQ hash or None, failure reason, detail).
+
+        The PDQ hash is computed from the same decoded image, when hashes are
+        wanted and ``sha`` is not in ``pdq_known``.
+        """
         data, reason, detail = read_input(self.source, self.refs[i])
         if reason:
-            return i, "", None, reason, detail
+            return i, "", None, None, reason, detail
         sha = sha256_hex(data)
-        if sha in known:
-            return i, sha, None, "", ""
+        want_pdq = pdq_known is not None and sha not in pdq_known
+        if sha in known and not want_pdq:
+            return i, sha, None, None, "", ""
         try:
             img = decode_image(data, self.max_pixels, self.max_bytes, min_size=self.size)
         except Exception as exc:
-            return i, sha, None, getattr(exc, "reason", "unreadable"), getattr(exc, "detail", str(exc))
-        return i, sha, preprocess_uint8(img, self.size, self.mode), "", ""
+            return i, sha, None, None, getattr(exc, "reason", "unreadable"), getattr(exc, "detail", str(exc))
+        tensor = None if sha in known else preprocess_uint8(img, self.size, self.mode)
+        return i, sha, tensor, safe_pdq(img) if want_pdq else None, "", ""
 
 
 def read_input(source: ImageSource, ref: ImageRef) -> tuple[bytes, str, str]:
@@ -193,22 +204,27 @@ def forward_batch(model: Callable, tensors: list[torch.Tensor], device: torch.de
 
 def embed(model: Callable, source: ImageSource, settings: Settings, *,
           cache: VectorCache | None = None, device: torch.device | None = None,
-          refs: list[ImageRef] | None = None, desc: str = "embedding") -> EmbeddingResult:
+          refs: list[ImageRef] | None = None, desc: str = "embedding",
+          pdq_cache: VectorCache | None = None) -> EmbeddingResult:
     """Embed every image of ``source`` (or the given ``refs``) with ``model``.
 
     Returns vectors (float32, unit-norm if the model normalises) for the
     images that decoded, in source order, and a Failure per skipped image.
     Cached vectors are reused and new ones added to ``cache``. Logs each
     failure. Does not enforce the failure-rate limit: see
-    :func:`check_failure_rate`.
+    :func:`check_failure_rate`. With ``pdq_cache`` (:func:`moderation.pdq.pdq_cache`),
+    the PDQ hash of every image it lacks is computed from the same decoded
+    image and added to it (an image whose vector is cached is decoded for
+    its hash alone).
     """
     from tqdm import tqdm
 
     refs = list(source.refs() if refs is None else refs)
     device = device or torch.device("cpu")
     known = frozenset() if cache is None else cache.known()
+    pdq_known = None if pdq_cache is None else pdq_cache.known()
     dataset = _Images(source, refs, known, settings.image_size, settings.resize_mode,
-                      settings.max_image_pixels, settings.max_file_bytes)
+                      settings.max_image_pixels, settings.max_file_bytes, pdq_known)
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.workers,
                         collate_fn=collate_items, worker_init_fn=init_decode_worker, pin_memory=device.type == "cuda",
                         persistent_workers=False,
@@ -219,6 +235,7 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
     n_cached = 0
     new_shas: list[str] = []
     new_vecs: list[np.ndarray] = []
+    new_pdq: dict[str, PdqHash] = {}
     if hasattr(model, "eval"):
         model.eval()
     bar = tqdm(total=len(refs), desc=desc, unit="img", file=sys.stderr,
@@ -226,15 +243,17 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
     with torch.inference_mode():
         for batch in loader:
             todo = []
-            for i, sha, tensor, reason, detail in batch:
+            for i, sha, tensor, pdq, reason, detail in batch:
                 ref = refs[i]
+                if pdq is not None:
+                    new_pdq[sha] = pdq
                 if tensor is None and not reason:
                     if (vec := cache.get(sha)) is not None:
                         vectors[i], shas[i] = vec, sha
                         n_cached += 1
                         continue
                     # Its cached part was corrupt or has gone: embed the image after all.
-                    _, sha, tensor, reason, detail = dataset.item(i, frozenset())
+                    _, sha, tensor, _, reason, detail = dataset.item(i, frozenset())
                 if reason:
                     failures.append(skipped(ref, reason, detail))
                 else:
@@ -250,6 +269,8 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
     bar.close()
     if cache is not None and new_vecs:
         cache.add(new_shas, np.stack(new_vecs))
+    if pdq_cache is not None:
+        add_hashes(pdq_cache, new_pdq)
     order = sorted(vectors)
     out_refs = [ImageRef(refs[i].image_id, refs[i].location, shas[i]) for i in order]
     dim = next(iter(vectors.values())).shape[0] if vectors else 0

@@ -293,8 +293,10 @@ def attach_evidence(p, loaded, pairs: Sequence[FlaggedPair], source, run_folder:
     ``p`` is the Pipeline (settings, store), ``loaded`` the run's
     LoadedModel, ``source`` the query ImageSource (``pair.query_key`` is a
     location in it); a pair's ``reference_key`` is read from the object
-    store, or from disk when it is a path (a folder-built index). Pairs
-    whose images cannot be read keep None keys. Idempotent: a rerun writes
+    store, or from disk when it is a path (a folder-built index). A PDQ
+    pair against a hash-bank entry (no ``reference_key``) gets the query
+    image alone and no heatmap. Pairs whose images cannot be read keep
+    None keys. Idempotent: a rerun writes
     the same keys. Raises StoreError if the store is unreachable.
     """
     from moderation.descriptor import resolve_device
@@ -321,11 +323,19 @@ def attach_evidence(p, loaded, pairs: Sequence[FlaggedPair], source, run_folder:
     for i in sorted(chosen, key=lambda k: (pairs[k].query_key or "", -pairs[k].score)):
         pair = pairs[i]
         q = _image(images, "q", pair.query_key, lambda k: source.read(k), renderer)
+        ev_key, hm_key = evidence_keys(run_folder, pair.query_id, pair.reference_id)
+        if q is not None and not pair.reference_key and pair.match_source == "pdq":
+            # A hash-bank reference has no image (its sender shared hashes only): the query alone
+            # is what a moderator can look at; there is nothing to pair it with for a heatmap.
+            alone = q.resize(fit_pixels(q.width, q.height, renderer.max_pixels), Image.BILINEAR)
+            p.store.put(ev_key, _jpeg(alone), "image/jpeg")
+            out[i] = replace(pair, evidence_key=ev_key, heatmap_key=None)
+            done += 1
+            continue
         r = _image(images, "r", pair.reference_key, lambda k: read_location(p.store, k), renderer)
         if q is None or r is None:
             failed += 1
             continue
-        ev_key, hm_key = evidence_keys(run_folder, pair.query_id, pair.reference_id)
         canvas = side_by_side(q, r, renderer.max_pixels)
         if geometry:
             canvas = draw_geometry(canvas, q, r, geometry.get((pair.query_id, pair.reference_id)))

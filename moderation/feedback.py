@@ -260,6 +260,8 @@ def calibrate_from_decisions(p, *, store: bool = False, target_precision: float 
     pinned = pin(p)
     current, source, combiner = _threshold(p, pinned)
     rows = review.pair_states(p.db, model_version=pinned.model.version, stats_version=pinned.stats.version)
+    # A pair only PDQ flagged was not chosen by the threshold: its decision says nothing about where it lies.
+    rows = [r for r in rows if r.get("match_source", "sscd") != "pdq"]
     proposal = propose_threshold(rows, current, target=target_precision, min_decisions=min_decisions,
                                  min_per_band=min_per_band, model_version=pinned.model.version,
                                  stats_version=pinned.stats.version)
@@ -319,8 +321,11 @@ def export_labels(db, out_dir: Path | None = None, *, store=None,
     counts and where the files went.
     """
     from moderation import review
+    from moderation.hash_banks import ID_PREFIX
 
     rows = review.pair_states(db, states=("confirmed", "rejected"))
+    # A hash-bank entry has no image to train on.
+    rows = [r for r in rows if not str(r["reference_id"]).startswith(ID_PREFIX)]
     pos = [r for r in rows if r["state"] == "confirmed"]
     neg = [r for r in rows if r["state"] == "rejected"]
     best: dict[str, dict[str, Any]] = {}

@@ -15,7 +15,8 @@ import io
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,11 @@ from moderation.errors import NotFoundError, VersionMismatchError
 from moderation.images import sha256_hex
 from moderation.layout import INDEX_DAG, STATS_DAG
 from moderation.index import ReferenceIndex, build_index
-from moderation.matching import candidates_csv, flagged, verification_csv
+from moderation.matching import Candidate, candidates_csv, flagged, verification_csv
 from moderation.metrics import read_ground_truth
 from moderation.model_versions import LoadedModel, ensure_current_model, load_model
+from moderation.pdq import PdqConfig, PdqIndex, cached_hash, pdq_cache
+from moderation.pdq_matching import PDQ_FILE, merge_pairs
 from moderation.reference_controls import Controls, read_controls, register_banks
 from moderation.registry import (Calibration, IndexVersion, Kind, ModelVersion, Registry,
                                  StatsVersion, new_version_id)
@@ -143,12 +146,17 @@ class Pipeline:
             return None
 
     def embed(self, loaded: LoadedModel, source: ImageSource, what: str,
-              namespace: Namespace = Namespace.REFERENCES) -> EmbeddingResult:
-        """Embed ``source`` through the model's vector cache in ``namespace`` (queries expire, references stay)."""
+              namespace: Namespace = Namespace.REFERENCES, *, pdq: bool = False) -> EmbeddingResult:
+        """Embed ``source`` through the model's vector cache in ``namespace`` (queries expire, references stay).
+
+        With ``pdq`` (and MODERATION_PDQ on), PDQ hashes missing from the PDQ
+        cache of ``namespace`` are computed from the same decoded images.
+        """
         settings = loaded.settings_for(self.settings)
         cache = VectorCache(self.store, loaded.version, namespace)
+        hashes = pdq_cache(self.store, namespace) if pdq and self.settings.pdq else None
         result = embed(loaded.module, source, settings, cache=cache,
-                       device=resolve_device(settings.device.value), desc=f"embedding {what}")
+                       device=resolve_device(settings.device.value), desc=f"embedding {what}", pdq_cache=hashes)
         log.info("embedded %d %s (%d from cache, %d failed)", len(result.refs), what,
                  result.cached, len(result.failures))
         return dedupe_ids(result)
@@ -213,9 +221,10 @@ def build_reference_index(p: Pipeline, source: ImageSource) -> IndexVersion:
     p.db.record_stats(stats)  # the index row refers to it, and this database may not have seen it yet
     post, _ = p.load_stats(stats)
     loaded = p.load(model)
-    result = p.embed(loaded, source, "references")
+    result = p.embed(loaded, source, "references", pdq=True)
     check_failure_rate(result, p.settings.max_failure_rate, "reference set")
     features = reference_features(p, source, result)
+    pdq_index = reference_pdq(p, result)
     vectors = post.apply(result.vectors)
     banks = assign_banks(source, result.refs)
     held = _held_out(p, banks)
@@ -228,8 +237,10 @@ def build_reference_index(p: Pipeline, source: ImageSource) -> IndexVersion:
     held_ids = json.dumps([rid for rid, k in zip(result.ids, keep) if not k]).encode()
     held_buf = io.BytesIO()
     np.save(held_buf, np.ascontiguousarray(vectors[~keep], np.float32), allow_pickle=False)
+    pdq_part = b"" if pdq_index is None else (
+        "\n".join(pdq_index.ids).encode() + pdq_index.codes.tobytes() + pdq_index.quality.tobytes())
     content = sha256_hex(stats.version.encode() + p.settings.index_factory.encode()
-                         + ids_bytes + locations + vectors.tobytes() + banks_bytes + held_ids)
+                         + ids_bytes + locations + vectors.tobytes() + banks_bytes + held_ids + pdq_part)
     if current := _current_if_unchanged(p, Kind.INDEX, model, content):
         log.info("reference set unchanged: index %s stays in force", current.version)
         p.db.record_index(current)
@@ -240,11 +251,13 @@ def build_reference_index(p: Pipeline, source: ImageSource) -> IndexVersion:
                           factory=p.settings.index_factory, content_sha256=content,
                           info={"failures": _failure_summary(result), "cached": result.cached,
                                 "local_features": features, "banks": dict(Counter(banks.values())),
-                                "held_out": int((~keep).sum())})
-    record = p.registry.publish(Kind.INDEX, record, {"index.faiss": index_bytes, "ids.json": ids_bytes,
-                                                     "locations.json": locations, "shas.json": shas,
-                                                     "banks.json": banks_bytes, "held_out.json": held_ids,
-                                                     "held_out.npy": held_buf.getvalue()})
+                                "held_out": int((~keep).sum()),
+                                "pdq": None if pdq_index is None else {"hashes": len(pdq_index)}})
+    files = {"index.faiss": index_bytes, "ids.json": ids_bytes, "locations.json": locations, "shas.json": shas,
+             "banks.json": banks_bytes, "held_out.json": held_ids, "held_out.npy": held_buf.getvalue()}
+    if pdq_index is not None:
+        files[PDQ_FILE] = pdq_index.to_bytes()
+    record = p.registry.publish(Kind.INDEX, record, files)
     p.db.record_index(record)
     register_banks(p.db, Counter(banks.values()), record.version)
     log.info("published index %s: %d references, factory %s", record.version, record.count, record.factory)
@@ -259,6 +272,18 @@ def _held_out(p: Pipeline, banks: dict[str, str]) -> set[str]:
     """
     held = read_controls(p.db).removed(banks)
     return held if len(held) < len(banks) else set()
+def reference_pdq(p: Pipeline, result: EmbeddingResult) -> PdqIndex | None:
+    """The references' PDQ hashes (from the PDQ cache the embedding filled); None if MODERATION_PDQ is off.
+
+    A reference whose hash could not be computed is left out (logged).
+    """
+    if not p.settings.pdq:
+        return None
+    cache = pdq_cache(p.store, Namespace.REFERENCES)
+    items = [(r.image_id, h) for r in result.refs if (h := cached_hash(cache, r.sha256)) is not None]
+    if len(items) < len(result.refs):
+        log.warning("%d of %d references have no PDQ hash", len(result.refs) - len(items), len(result.refs))
+    return PdqIndex.from_hashes(items)
 
 
 def reference_features(p: Pipeline, source: ImageSource, result: EmbeddingResult) -> dict | None:
@@ -339,7 +364,8 @@ def _two_stage(p: Pipeline, pinned: Pinned, source: ImageSource, *, combiner=Non
     result = match_queries(loaded.module, source, loaded.settings_for(p.settings), config, index, post, bg,
                            reference_features=refs.get if refs else None, combiner=combiner,
                            cache=VectorCache(p.store, loaded.version, Namespace.QUERIES),
-                           device=resolve_device(p.settings.device.value), keep_all=keep_all)
+                           device=resolve_device(p.settings.device.value), keep_all=keep_all,
+                           pdq_cache=pdq_cache(p.store, Namespace.QUERIES) if p.settings.pdq else None)
     if refs is not None and refs.computed:
         log.warning("%d references had no cached local features and were described during matching; "
                     "rebuild the index (reference_index_nightly / `moderation index build`) to precompute "
@@ -468,9 +494,12 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
         p.store.put(f"{run_folder}/verification.csv", verification_csv(cands).encode(), "text/csv")
         query_keys = {r.image_id: r.location for r in result.refs}
         query_shas = {r.image_id: r.sha256 for r in result.refs}
-        chosen, suppressed = split_suppressed(flagged(cands, threshold), query_shas,
-                                              rejected_pairs(p.db, query_shas.values()), controls,
+        rejected = rejected_pairs(p.db, query_shas.values())
+        chosen, suppressed = split_suppressed(flagged(cands, threshold), query_shas, rejected, controls,
                                               p.settings.strict_min_inliers)
+        pdq_hits, pdq_suppressed = _pdq_allowed(_pdq_matches(p, pinned, result, run_folder), cands, banks,
+                                                query_shas, controls, rejected, p.settings.strict_min_inliers)
+        suppressed += pdq_suppressed
         p.store.put(f"{run_folder}/suppressed.csv", suppressed_csv(suppressed, banks).encode(), "text/csv")
         p.store.put(f"{run_folder}/matching.json", json.dumps(
             {"matching": config.as_dict(), "threshold": threshold, "threshold_source": source_name,
@@ -481,13 +510,11 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
             indent=2, default=str).encode(), "application/json")
         if candidates_out:
             Path(candidates_out).write_text(csv_text)
-        pairs = [FlaggedPair(c.query_id, c.reference_id, c.raw_score, c.score, c.rank,
-                             query_key=query_keys.get(c.query_id),
-                             reference_key=locations.get(c.reference_id),
-                             bank=banks.get(c.reference_id, DEFAULT_BANK),
-                             query_sha256=query_shas.get(c.query_id) or None) for c in chosen]
+        pairs = [replace(fp, bank=_bank_of(fp.reference_id, banks),
+                         query_sha256=query_shas.get(fp.query_id) or None)
+                 for fp in merge_pairs(chosen, cands, pdq_hits, query_keys, locations)]
         if p.settings.evidence and pairs:
-            geometry = {(c.query_id, c.reference_id): c.verification for c in chosen}
+            geometry = {(c.query_id, c.reference_id): c.verification for c in cands}
             pairs = _with_evidence(p, loaded, pairs, source, run_folder, geometry)
         run.n_queries = len(result.refs) + len(result.failures)
         run.n_failed = len(result.failures)
@@ -507,6 +534,55 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
                         threshold, source_name, pinned.model.version, pinned.stats.version,
                         pinned.index.version, run.candidates_key, n_suppressed=len(suppressed),
                         n_removed_references=len(controls.removed(banks)))
+
+
+def _pdq_matches(p: Pipeline, pinned: Pinned, result, run_folder: str) -> list:
+    """The run's PDQ matches (none with MODERATION_PDQ off); what was searched goes to ``pdq.json``."""
+    if not p.settings.pdq:
+        return []
+    from moderation import pdq_matching
+
+    config = PdqConfig.from_settings(p.settings)
+    index, info = pdq_matching.run_index(p, pinned.index)
+    hits = pdq_matching.match(index, result.pdq, config)
+    p.store.put(f"{run_folder}/pdq.json", json.dumps(
+        {**info, **config.as_dict(), "queries_hashed": len(result.pdq), "matches": len(hits)},
+        indent=2).encode(), "application/json")
+    log.info("PDQ: %d matches of %d hashed queries against %d reference and %d bank hashes", len(hits),
+             len(result.pdq), info["references"], info["bank_hashes"])
+    return hits
+
+
+def _pdq_allowed(hits: list, cands: list[Candidate], banks: Mapping[str, str], query_shas: Mapping[str, str],
+                 controls: Controls, rejected: set[tuple[str, str]], strict_min_inliers: int) -> tuple[list, list]:
+    """PDQ matches under the operators' controls, as the descriptor's pairs are: (kept, suppressed).
+
+    A disabled reference is dropped; a standing rejection or a reference policy suppresses the match
+    (``strict`` asks for geometric evidence a hash match alone does not give). Hash-bank entries
+    (no image in the index) follow only the rejection rule.
+    """
+    removed = controls.removed(banks)
+    scored = {(c.query_id, c.reference_id): c for c in cands}
+    kept, dropped = [], []
+    for m in hits:
+        if m.reference_id in removed:
+            continue
+        c = scored.get((m.query_id, m.reference_id)) or Candidate(m.query_id, m.reference_id, 0.0, 0.0, 0)
+        ok, why = split_suppressed([c], query_shas, rejected, controls, strict_min_inliers)
+        if ok:
+            kept.append(m)
+        else:
+            dropped += why
+    return kept, dropped
+
+
+def _bank_of(reference_id: str, banks: Mapping[str, str]) -> str:
+    """The bank a flagged reference belongs to; an imported hash bank's entries are named by it."""
+    if reference_id in banks:
+        return banks[reference_id]
+    if reference_id.startswith("hashbank:"):
+        return "hashbank:" + reference_id.split(":", 2)[1]
+    return DEFAULT_BANK
 
 
 def _with_evidence(p: Pipeline, loaded: LoadedModel, pairs: list[FlaggedPair], source: ImageSource,
@@ -567,9 +643,12 @@ def _safe_batch(batch: str) -> str:
 
 def embed_shard(p: Pipeline, source: ImageSource, what: str = "shard",
                 namespace: Namespace = Namespace.REFERENCES) -> dict:
-    """Embed a shard of images into the shared vector cache (Airflow mapped tasks); returns counts."""
+    """Embed a shard of images into the shared vector cache (Airflow mapped tasks); returns counts.
+
+    Reference shards also fill the PDQ cache, so the index build decodes nothing again.
+    """
     model = p.current_model()
-    result = p.embed(p.load(model), source, what, namespace)
+    result = p.embed(p.load(model), source, what, namespace, pdq=namespace is Namespace.REFERENCES)
     return {"model_version": model.version, "embedded": len(result.refs), "cached": result.cached,
             "failed": len(result.failures)}
 

@@ -28,6 +28,7 @@ from moderation.embedding import (ImageSource, VectorCache, collate_items, forwa
                                   read_input, skipped)
 from moderation.images import Failure, ImageRef, decode_image, preprocess_uint8, sha256_hex
 from moderation.local_features import FeatureConfig, LocalFeatures, extract
+from moderation.pdq import PdqHash, add_hashes, safe_pdq
 from moderation.views import ViewConfig, plan_views, render
 
 
@@ -50,6 +51,7 @@ class QueryAnalysis:
     features: list[LocalFeatures | None] = field(default_factory=list)
     mirrored: list[LocalFeatures | None] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    pdq: list[PdqHash | None] = field(default_factory=list)  # per query when asked for, else empty
 
     @property
     def ids(self) -> list[str]:
@@ -61,9 +63,10 @@ class QueryAnalysis:
 
 class _Queries(Dataset):
     def __init__(self, source: ImageSource, refs: list[ImageRef], size: int, mode: ResizeMode,
-                 views: ViewConfig, features: FeatureConfig | None, max_pixels: int, max_bytes: int):
+                 views: ViewConfig, features: FeatureConfig | None, max_pixels: int, max_bytes: int,
+                 pdq: bool = False):
         self.source, self.refs, self.size, self.mode = source, refs, size, mode
-        self.views, self.features = views, features
+        self.views, self.features, self.pdq = views, features, pdq
         self.max_pixels, self.max_bytes = max_pixels, max_bytes
 
     def __len__(self) -> int:
@@ -88,14 +91,19 @@ class _Queries(Dataset):
         if self.features is not None:
             feats = extract(img, self.features)
             mirrored = extract(img, self.features, mirror=True)
-        return i, sha, ([v.name for v in plan], tensors, feats, mirrored), "", ""
+        pdq = safe_pdq(img) if self.pdq else None
+        return i, sha, ([v.name for v in plan], tensors, feats, mirrored, pdq), "", ""
 
 
 def analyse_queries(model: Callable, source: ImageSource, settings: Settings, views: ViewConfig,
                     features: FeatureConfig | None, *, cache: VectorCache | None = None,
                     device: torch.device | None = None, refs: list[ImageRef] | None = None,
-                    desc: str = "analysing queries") -> QueryAnalysis:
+                    desc: str = "analysing queries", pdq_cache: VectorCache | None = None) -> QueryAnalysis:
     """Decode each query once; embed all its views; extract its local features (unless None).
+
+    With ``pdq_cache`` (:func:`moderation.pdq.pdq_cache`), each query's PDQ
+    hash is computed from the same decoded image (``QueryAnalysis.pdq``) and
+    hashes new to the cache are added to it.
 
     ``settings`` carry the model's own preprocessing (``LoadedModel.settings_for``).
     Whole-image vectors new to ``cache`` are added to it. ``refs`` limits the
@@ -107,12 +115,14 @@ def analyse_queries(model: Callable, source: ImageSource, settings: Settings, vi
     refs = list(source.refs() if refs is None else refs)
     device = device or torch.device("cpu")
     dataset = _Queries(source, refs, settings.image_size, settings.resize_mode, views, features,
-                       settings.max_image_pixels, settings.max_file_bytes)
+                       settings.max_image_pixels, settings.max_file_bytes, pdq=pdq_cache is not None)
     per_batch = max(1, settings.batch_size // 4) if not views.only_full else settings.batch_size
     loader = DataLoader(dataset, batch_size=per_batch, num_workers=settings.workers, collate_fn=collate_items,
                         worker_init_fn=init_decode_worker, persistent_workers=False,
                         prefetch_factor=2 if settings.workers > 0 else None)
-    kept: list[tuple[int, str, list[str], np.ndarray, LocalFeatures | None, LocalFeatures | None]] = []
+    kept: list[tuple[int, str, list[str], np.ndarray, LocalFeatures | None, LocalFeatures | None,
+                     PdqHash | None]] = []
+    new_pdq: dict[str, PdqHash] = {}
     failures: list[Failure] = []
     new_shas, new_full = [], []
     bar = tqdm(total=len(refs), desc=desc, unit="img", file=sys.stderr, disable=not settings.progress,
@@ -130,14 +140,16 @@ def analyse_queries(model: Callable, source: ImageSource, settings: Settings, vi
             if not todo:
                 bar.update(len(batch))
                 continue
-            tensors = [t for _, _, (_, ts, _, _) in todo for t in ts]
+            tensors = [t for _, _, (_, ts, _, _, _) in todo for t in ts]
             out = np.concatenate([forward_batch(model, tensors[s:s + settings.batch_size], device)
                                   for s in range(0, len(tensors), settings.batch_size)])
             pos = 0
-            for i, sha, (names, ts, feats, mirrored) in todo:
+            for i, sha, (names, ts, feats, mirrored, pdq) in todo:
                 vecs = out[pos:pos + len(names)]
                 pos += len(names)
-                kept.append((i, sha, names, vecs, feats, mirrored))
+                kept.append((i, sha, names, vecs, feats, mirrored, pdq))
+                if pdq is not None and pdq_cache is not None and sha not in pdq_cache:
+                    new_pdq[sha] = pdq
                 if cache is not None and sha not in cache:
                     new_shas.append(sha)
                     new_full.append(vecs[0])
@@ -145,6 +157,8 @@ def analyse_queries(model: Callable, source: ImageSource, settings: Settings, vi
     bar.close()
     if cache is not None and new_full:
         cache.add(new_shas, np.stack(new_full))
+    if pdq_cache is not None:
+        add_hashes(pdq_cache, new_pdq)
     kept.sort(key=lambda t: t[0])
     out_refs = [ImageRef(refs[i].image_id, refs[i].location, sha) for i, sha, *_ in kept]
     dim = kept[0][3].shape[1] if kept else 0
@@ -154,4 +168,4 @@ def analyse_queries(model: Callable, source: ImageSource, settings: Settings, vi
     names = [n for k in kept for n in k[2]]
     full = np.stack([k[3][0] for k in kept]).astype(np.float32) if kept else np.zeros((0, dim), np.float32)
     return QueryAnalysis(out_refs, vectors, owner, names, full, [k[4] for k in kept], [k[5] for k in kept],
-                         failures)
+                         failures, [k[6] for k in kept] if pdq_cache is not None else [])

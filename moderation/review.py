@@ -309,7 +309,7 @@ SELECT fp.id AS pair_id, fp.run_id, r.batch, fp.query_id, fp.reference_id, fp.qu
        fp.reference_key, fp.raw_score, fp.score, fp.rank, fp.evidence_key, fp.heatmap_key,
        fp.created_at AS flagged_at, r.status AS run_status, r.started_at AS run_started_at,
        r.finished_at AS run_finished_at, fp.threshold, fp.model_version, fp.stats_version,
-       fp.index_version, fp.calibration_version
+       fp.index_version, fp.calibration_version, fp.match_source, fp.pdq_distance
 FROM flagged_pairs fp JOIN match_runs r ON r.id = fp.run_id
 """
 
@@ -766,7 +766,8 @@ def pair_states(db: Database, *, model_version: str | None = None, stats_version
     Keys: pair_id, run_id, batch, query_id, reference_id, query_key,
     reference_key, score, raw_score, evidence_key, heatmap_key, flagged_at,
     threshold, model_version, stats_version, index_version,
-    calibration_version, state, decision_id, decided_by, decided_at, note.
+    calibration_version, match_source, pdq_distance, state, decision_id,
+    decided_by, decided_at, note.
     The threshold and versions are those that scored the pair, and
     ``model_version`` / ``stats_version`` filter on them. Includes pairs of
     any run status (pairs only exist once their run completed at least once).
@@ -784,7 +785,7 @@ def pair_states(db: Database, *, model_version: str | None = None, stats_version
     cols = ("fp.id AS pair_id, fp.run_id, r.batch, fp.query_id, fp.reference_id, fp.query_key, "
             "fp.reference_key, fp.score, fp.raw_score, fp.evidence_key, fp.heatmap_key, "
             "fp.created_at AS flagged_at, fp.threshold, fp.model_version, fp.stats_version, fp.index_version, "
-            "fp.calibration_version")
+            "fp.calibration_version, fp.match_source, fp.pdq_distance")
     if db.is_postgres:
         if wanted is not None:
             clauses.append("q.state = ANY(:states)")

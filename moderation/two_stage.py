@@ -29,6 +29,7 @@ from moderation.images import Failure, ImageRef
 from moderation.index import ReferenceIndex
 from moderation.local_features import Detector, FeatureConfig
 from moderation.matching import Candidate, MatchParams
+from moderation.pdq import PdqHash
 from moderation.query_analysis import QueryAnalysis, analyse_queries
 from moderation.statistics import BackgroundIndex, Postprocessor
 from moderation.verification import QueryTask, Verification, VerifyConfig, verify_many
@@ -92,6 +93,7 @@ class TwoStageResult:
     seconds: dict[str, float] = field(default_factory=dict)
     n_verified: int = 0
     views_per_query: float = 1.0
+    pdq: dict[str, PdqHash] = field(default_factory=dict)  # query id -> PDQ hash, when asked for
 
     @property
     def ids(self) -> list[str]:
@@ -115,7 +117,7 @@ def match_queries(model: Callable, source, settings: Settings, config: TwoStageC
                   postprocessor: Postprocessor | None, background: BackgroundIndex | None, *,
                   reference_features: Callable[[str], object] | None = None, combiner: Combiner | None = None,
                   cache=None, device=None, keep_all: bool = False,
-                  chunk: int = QUERY_CHUNK) -> TwoStageResult:
+                  chunk: int = QUERY_CHUNK, pdq_cache=None) -> TwoStageResult:
     """Run both stages over ``source``, ``chunk`` queries at a time.
 
     ``settings`` must carry the model's preprocessing
@@ -123,6 +125,8 @@ def match_queries(model: Callable, source, settings: Settings, config: TwoStageC
     reference's LocalFeatures or None (required when ``config.verify``).
     ``keep_all`` keeps every merged candidate (``max(k, verify_topk)`` per
     query) instead of the top ``k``: the calibration fits on all of them.
+    With ``pdq_cache``, each query's PDQ hash (from the same decode) is in
+    ``TwoStageResult.pdq``; PDQ matching itself is the caller's.
     Raises ModerationError when verification is on without a feature source.
     """
     from tqdm import tqdm
@@ -141,7 +145,8 @@ def match_queries(model: Callable, source, settings: Settings, config: TwoStageC
         part = refs[start:start + chunk]
         t0 = time.perf_counter()
         analysis = analyse_queries(model, source, quiet, config.views, config.features if config.verify else None,
-                                   cache=cache, device=device, refs=part)
+                                   cache=cache, device=device, refs=part, pdq_cache=pdq_cache)
+        out.pdq.update({r.image_id: h for r, h in zip(analysis.refs, analysis.pdq) if h is not None})
         out.seconds["analyse"] += time.perf_counter() - t0
         done = match_analysis(analysis, quiet, config, index, postprocessor, background,
                               reference_features=reference_features, combiner=combiner, keep_all=keep_all)
