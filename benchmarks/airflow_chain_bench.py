@@ -12,8 +12,8 @@ It also parses each DAG file on its own in a fresh interpreter (after Airflow's 
 ``tests/test_dags_parsing.py`` does) and reports the CPU time per file.
 
 With ``--bench-dev DIR`` the images are bench-dev's (references, background, the 214 queries as the
-day's batch, and ``extra/`` as the labelled calibration set the index DAG calibrates on), at the
-library's default settings; without it, a small generated set at 96 px as in the tests.
+day's batch; with ``--calibration`` also ``extra/`` as the labelled set the index DAG calibrates on),
+at the library's default settings; without it, a small generated set at 96 px as in the tests.
 
     .venv/bin/python benchmarks/airflow_chain_bench.py --bench-dev ../shared/bench-dev
     .venv/bin/python benchmarks/airflow_chain_bench.py --executors LocalExecutor   # generated images
@@ -46,8 +46,8 @@ from airflow_scheduler import CHAIN, EXECUTORS, Airflow, run_chain  # noqa: E402
 TEST_ONLY = ("MODERATION_IMAGE_SIZE", "MODERATION_BATCH_SIZE", "MODERATION_EVIDENCE")
 
 
-def bench_dev_objects(root: Path, days: list[str]) -> dict[str, bytes]:
-    """bench-dev as a bucket: references/, background/, each day's queries, calibration/ from extra/."""
+def bench_dev_objects(root: Path, days: list[str], calibration: bool) -> dict[str, bytes]:
+    """bench-dev as a bucket: references/, background/, each day's queries (and calibration/ from extra/)."""
     objects: dict[str, bytes] = {}
     for sub in ("references", "background"):
         for f in sorted((root / sub).glob("*.jpg")):
@@ -56,9 +56,10 @@ def bench_dev_objects(root: Path, days: list[str]) -> dict[str, bytes]:
     for day in days:
         for f in queries:
             objects[f"queries/{day}/{f.name}"] = f.read_bytes()
-    for f in sorted((root / "extra" / "queries").glob("*.jpg")):
-        objects[f"calibration/queries/{f.name}"] = f.read_bytes()
-    objects["calibration/ground_truth.csv"] = (root / "extra" / "ground_truth.csv").read_bytes()
+    if calibration:
+        for f in sorted((root / "extra" / "queries").glob("*.jpg")):
+            objects[f"calibration/queries/{f.name}"] = f.read_bytes()
+        objects["calibration/ground_truth.csv"] = (root / "extra" / "ground_truth.csv").read_bytes()
     return objects
 
 
@@ -182,6 +183,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--executors", default=",".join(EXECUTORS))
     ap.add_argument("--bench-dev", type=Path, help="bench-dev folder (default: generated images)")
+    ap.add_argument("--calibration", action="store_true",
+                    help="with --bench-dev: upload extra/ as the labelled set, so the index run calibrates "
+                         "(642 more queries through both stages: the longest part of the chain on a CPU)")
     ap.add_argument("--keys-per-shard", type=int, default=2000, help="as the index DAG's default")
     ap.add_argument("--skip-parse", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "airflow_chain_bench.json")
@@ -192,7 +196,7 @@ def main(argv=None) -> int:
     # run_direct matches airflow_bench.DAY
     days = [(now - timedelta(days=1)).strftime("%Y-%m-%d"), now.strftime("%Y-%m-%d"), airflow_bench.DAY]
     if args.bench_dev:
-        objects, truth = bench_dev_objects(args.bench_dev, days), truth_of(args.bench_dev)
+        objects, truth = bench_dev_objects(args.bench_dev, days, args.calibration), truth_of(args.bench_dev)
     else:
         objects, _ = generated_objects(days)
         truth = {}
