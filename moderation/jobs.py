@@ -499,7 +499,8 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
                                               p.settings.strict_min_inliers)
         pdq_hits, pdq_suppressed = _pdq_allowed(_pdq_matches(p, pinned, result, run_folder), cands, banks,
                                                 query_shas, controls, rejected, p.settings.strict_min_inliers)
-        suppressed += pdq_suppressed
+        seen = {(x.candidate.query_id, x.candidate.reference_id) for x in suppressed}
+        suppressed += [x for x in pdq_suppressed if (x.candidate.query_id, x.candidate.reference_id) not in seen]
         p.store.put(f"{run_folder}/suppressed.csv", suppressed_csv(suppressed, banks).encode(), "text/csv")
         p.store.put(f"{run_folder}/matching.json", json.dumps(
             {"matching": config.as_dict(), "threshold": threshold, "threshold_source": source_name,
