@@ -403,6 +403,9 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
         if candidates_out:
             Path(candidates_out).write_text(csv_text)
         query_keys = {r.image_id: r.location for r in result.refs}
+        # What retroactive matching reads to find this batch's cached vectors without reading its images.
+        p.store.put(f"{run_folder}/queries.json", queries_json(pinned.model.version, result.refs),
+                    "application/json")
         chosen = flagged(cands, threshold)
         pairs = [FlaggedPair(c.query_id, c.reference_id, c.raw_score, c.score, c.rank,
                              query_key=query_keys.get(c.query_id),
@@ -427,6 +430,12 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
     return MatchSummary(run_id, batch, run.n_queries, run.n_failed, run.n_candidates, len(pairs),
                         threshold, source_name, pinned.model.version, pinned.stats.version,
                         pinned.index.version, run.candidates_key)
+
+
+def queries_json(model_version: str, refs) -> bytes:
+    """A batch's query list (``runs/BATCH/queries.json``): id, object key, sha256 of each decoded query."""
+    return json.dumps({"model_version": model_version,
+                       "queries": [[r.image_id, r.location, r.sha256] for r in refs]}).encode()
 
 
 def _with_evidence(p: Pipeline, loaded: LoadedModel, pairs: list[FlaggedPair], source: ImageSource,
