@@ -15,6 +15,10 @@ been searched against yet, and only those:
   tonight's index, go into a small exact FAISS index; the batch's cached query
   vectors (whole image, ``runs/BATCH/queries.json`` lists their sha256) are
   searched against it and score-normalised with the same background set;
+- a new reference is a candidate of a query only if its global score beats
+  the query's ``max(k, verify_topk)``-th best global score in the batch's
+  daily run (``runs/BATCH/verification.csv``): below it, a full rematch would
+  not have made it a candidate either;
 - candidates go through the same second stage as the match job (local-feature
   verification, the calibration's combiner and threshold), except that a
   candidate whose global score could not reach the threshold even with perfect
@@ -113,12 +117,12 @@ def retro_batch(batch: str) -> str:
 
 
 def batches_in_window(runs: Iterable[MatchRunRow], days: int, today: date) -> list[MatchRunRow]:
-    """The daily runs (``queries/YYYY-MM-DD/``) dated within ``days`` days before ``today``, inclusive."""
+    """The daily runs (``queries/YYYY-MM-DD/``) dated ``today - days`` or later."""
     first = today - timedelta(days=days)
     out = []
     for run in runs:
         m = _DAY_BATCH.match(run.batch)
-        if m and first <= date.fromisoformat(m.group(1)) <= today:
+        if m and date.fromisoformat(m.group(1)) >= first:
             out.append(run)
     return out
 
@@ -194,6 +198,19 @@ def _new_references(p: Pipeline, current: dict[str, str], baseline: frozenset) -
     return sorted(rid for rid, sha in current.items() if (rid, sha) not in known and rid not in ids_only)
 
 
+def best_possible(combiner, global_scores: np.ndarray, max_features: int) -> np.ndarray:
+    """The fused score each global score would get with perfect verification: an upper bound.
+
+    Exact as a bound because the combiner is monotone in every feature and
+    no verification has more inliers than ``max_features`` nor more than
+    full coverage or inlier ratio.
+    """
+    n = len(global_scores)
+    best = np.column_stack([np.asarray(global_scores, np.float64), np.full(n, math.log1p(max_features)),
+                            np.ones(n), np.ones(n), np.ones(n)])
+    return combiner.score(best)
+
+
 class _Searcher:
     """The per-night state: statistics, caches, combiner; searches batches against small indexes."""
 
@@ -250,6 +267,8 @@ class _Searcher:
         s = self.p.settings
         cands = search(np.stack(vectors), qids, small, self.post, self.bg,
                        MatchParams(k=pool_k, beta=s.sn_beta, sn_neighbors=s.sn_neighbors))
+        bars = self._bars(run.batch, pool_k)
+        cands = [c for c in cands if c.score >= bars.get(c.query_id, -math.inf)]
         cands, n_verified = self._second_stage(cands, keys, shas)
         pairs = [FlaggedPair(c.query_id, c.reference_id, c.raw_score, c.score, c.rank, query_key=keys[c.query_id],
                              reference_key=self.locations.get(c.reference_id))
@@ -270,6 +289,28 @@ class _Searcher:
                 record_fn(rec)
             _, added = self.p.db.add_retro_pairs(run.batch, record, pairs)
         return BatchOutcome(run.batch, len(small.ids), len(qids), len(cands), n_verified, added)
+
+    def _bars(self, batch: str, pool_k: int) -> dict[str, float]:
+        """Query id -> the global score a new reference must reach to enter the query's top ``pool_k``.
+
+        Read from the daily run's ``verification.csv`` (every candidate with
+        its global score): a reference below the query's ``pool_k``-th best
+        global score would not be a candidate of a full rematch either. A
+        query with fewer candidates, or a batch without the file, has no bar.
+        """
+        import csv
+        import io
+
+        try:
+            data = self.p.store.get(f"{run_folder_of(batch)}/verification.csv").decode()
+        except NotFoundError:
+            return {}
+        scores: dict[str, list[float]] = {}
+        for row in csv.DictReader(io.StringIO(data)):
+            value = row.get("global_score") or row.get("score")
+            if value:
+                scores.setdefault(row["query_id"], []).append(float(value))
+        return {q: sorted(v, reverse=True)[pool_k - 1] for q, v in scores.items() if len(v) >= pool_k}
 
     def _second_stage(self, cands: list[Candidate], keys: dict[str, str],
                       shas: dict[str, str]) -> tuple[list[Candidate], int]:
@@ -296,11 +337,7 @@ class _Searcher:
         return out, len(verifications)
 
     def _best_possible(self, global_scores: np.ndarray) -> np.ndarray:
-        """The fused score each global score would get with perfect verification (the combiner is monotone)."""
-        n = len(global_scores)
-        best = np.column_stack([global_scores, np.full(n, math.log1p(self.config.features.max_features)),
-                                np.ones(n), np.ones(n), np.ones(n)])
-        return self.combiner.score(best)
+        return best_possible(self.combiner, global_scores, self.config.features.max_features)
 
     def _verify(self, todo: list[Candidate], keys: dict[str, str], shas: dict[str, str]) -> dict:
         from moderation.local_features import FeatureCache
