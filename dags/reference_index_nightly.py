@@ -6,9 +6,13 @@ statistics version in force for it, refuses shards embedded by another
 model, gates the reference batch and the vectors, then publishes an index
 version and emits ``moderation_index`` carrying the versions. When a
 labelled set exists under ``calibration/``, the new model/statistics pair is
-calibrated before the event. Last, ``gc`` sweeps the object store
-(``moderation gc``: superseded index versions, half-written publishes,
-failed runs' artifacts, orphan and expired cached vectors, old evidence). A
+calibrated before the event. ``retro_match`` then searches the last
+MODERATION_RETRO_WINDOW_DAYS days of query batches for copies of the
+references added since each was searched (their cached vectors against a
+small index of the new references) and flags them into review as
+retroactive pairs. Last, ``gc`` sweeps the object store (``moderation gc``:
+superseded index versions, half-written publishes, failed runs' artifacts,
+orphan and expired cached vectors, old evidence). A
 run before the model has statistics skips (no failure, no retry) and its log
 names the DAG to run first.
 """
@@ -90,6 +94,16 @@ def reference_index_nightly():
 
         return common.no_retry(orchestration.calibrate_if_labelled, common.settings(), built)
 
+    @task(doc_md="Reads: the new and previous index versions' id lists, the cached query vectors and query "
+                 "lists (runs/BATCH/queries.json) of the last MODERATION_RETRO_WINDOW_DAYS days' batches. "
+                 "Writes: each batch's retroactive run retro/BATCH (match_runs.retro_of) with the pairs whose "
+                 "reference was added since the batch was searched, add-only. Runs after the build and "
+                 "calibration are published; returns what it searched and the batches it skipped.")
+    def retro_match(built: dict, calibrated: dict):
+        from moderation import orchestration
+
+        return common.no_retry(orchestration.retro_match_new_references, common.settings(), built)
+
     @task(outlets=[common.INDEX_ASSET],
           doc_md="Emits moderation_index {model_version, stats_version, index_version} when a new "
                  "index version was published; skipped when the reference set did not change.")
@@ -116,6 +130,7 @@ def reference_index_nightly():
     built = build(planned, checked)
     calibrated = calibrate(built)
     announce(built, calibrated)
+    retro_match(built, calibrated)
     gc(calibrated)
 
 

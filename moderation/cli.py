@@ -263,6 +263,12 @@ def cmd_gc(args, settings):
     _print(report.to_dict() if args.dry_run else report.summary())
 
 
+def cmd_retro_match(args, settings):
+    from moderation.retroactive import retro_match
+
+    _print(retro_match(_pipeline(settings), days=args.days).summary())
+
+
 def cmd_demo(args, settings):
     from moderation.jobs import build_reference_index, calibrate_labelled, refresh_stats, run_matching
     from moderation.embedding import FolderSource
@@ -455,6 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=formats[1:], default="csv")
     p.set_defaults(func=cmd_pdq_export)
     pdq.add_parser("list", help="the banks in force").set_defaults(func=cmd_pdq_list)
+
+    p = sub.add_parser("retro-match", help="search recent query batches for copies of references indexed since "
+                                           "they were matched, and flag them as retroactive pairs")
+    p.add_argument("--days", type=int, metavar="N",
+                   help="window of daily batches (default MODERATION_RETRO_WINDOW_DAYS, 30)")
+    p.set_defaults(func=cmd_retro_match)
 
     p = sub.add_parser("demo", help="make sample images and run the whole pipeline on them")
     p.add_argument("--dir", help="where to write the sample images (default HOME/demo-images)")

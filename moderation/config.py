@@ -99,6 +99,9 @@ class Settings:
     gc_grace_hours: float = 24.0  # nothing younger is ever removed; must exceed the longest job
     keep_versions: int = 3  # index and statistics versions kept per model besides the ones in use
     claim_lease_seconds: int = 900
+    # Retroactive matching (moderation.retroactive): how many days of query batches new references are
+    # searched against; at most the query-vector retention, since it reads their cached vectors. 0: off.
+    retro_window_days: int = 30
     # Two-stage matching (moderation.two_stage): query views, then local-feature verification.
     verify: bool = True
     views: str = DEFAULT_VIEWS
@@ -156,6 +159,8 @@ class Settings:
         if self.query_vector_retention_days < 0 or self.evidence_retention_days < 0:
             raise ConfigError("MODERATION_QUERY_VECTOR_RETENTION_DAYS and MODERATION_EVIDENCE_RETENTION_DAYS "
                               "must be 0 or more")
+        if self.retro_window_days < 0:
+            raise ConfigError("MODERATION_RETRO_WINDOW_DAYS must be 0 (off) or more")
         if not self.gc_grace_hours >= 0 or self.keep_versions < 0:
             raise ConfigError("MODERATION_GC_GRACE_HOURS and MODERATION_KEEP_VERSIONS must be 0 or more")
         if self.strict_min_inliers < 1:

@@ -115,6 +115,8 @@ class MatchRunRow(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_complete_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Set on a retroactive run (moderation.retroactive): the batch whose queries its pairs came from.
+    retro_of: Mapped[str | None] = mapped_column(String(300), nullable=True)
 
 
 class FlaggedPairRow(Base):
@@ -452,6 +454,52 @@ class Database:
                 where=undecided)
             s.execute(stmt)
 
+    def add_retro_pairs(self, source_batch: str, run: MatchRunRecord, pairs: Sequence[FlaggedPair]) -> tuple[int, int]:
+        """Add pairs found retroactively for ``source_batch`` to its retro run ``run.batch``; (run id, pairs added).
+
+        Creates the retro run row (complete, ``retro_of`` = ``source_batch``) on
+        first use. Add-only, in one transaction: a pair already in the row
+        (same query and reference) is left exactly as it is, so a rerun adds
+        nothing and a decision is never touched; earlier pairs stay. The row's
+        versions and threshold become ``run``'s (the index searched last);
+        ``n_flagged`` counts every pair of the row, the other counts are the
+        last search's.
+        """
+        with self.session() as s, s.begin():
+            row = s.scalar(select(MatchRunRow).where(MatchRunRow.batch == run.batch).with_for_update())
+            if row is None:
+                row = MatchRunRow(batch=run.batch, status="complete", retro_of=source_batch)
+                s.add(row)
+            elif row.retro_of != source_batch:
+                raise ModerationError(f"run {run.batch!r} exists and is not the retroactive run of {source_batch!r}")
+            _fill_run(row, run)
+            s.flush()
+            added = 0
+            if pairs:
+                insert = _dialect_insert(self.engine.dialect.name)
+                rows = [{**asdict(p), **_scored_by(run), "run_id": row.id, "created_at": utcnow()} for p in pairs]
+                for i in range(0, len(rows), 5000):
+                    stmt = insert(FlaggedPairRow.__table__).values(rows[i:i + 5000]).on_conflict_do_nothing(
+                        index_elements=["run_id", "query_id", "reference_id"]).returning(FlaggedPairRow.id)
+                    added += len(s.execute(stmt).all())
+            row.n_flagged = s.scalar(select(func.count()).select_from(FlaggedPairRow)
+                                     .where(FlaggedPairRow.run_id == row.id))
+            row.status = "complete"
+            row.finished_at = row.last_complete_at = utcnow()
+            return row.id, added
+
+    def retro_runs(self) -> dict[str, MatchRunRow]:
+        """Source batch -> its retroactive run row."""
+        with self.session() as s:
+            return {r.retro_of: r for r in s.scalars(select(MatchRunRow).where(MatchRunRow.retro_of.is_not(None)))}
+
+    def complete_batches(self) -> list[MatchRunRow]:
+        """The daily (not retroactive) runs that published pairs at least once, oldest batch first."""
+        with self.session() as s:
+            return list(s.scalars(select(MatchRunRow).where(MatchRunRow.retro_of.is_(None),
+                                                            MatchRunRow.last_complete_at.is_not(None))
+                                  .order_by(MatchRunRow.batch)))
+
     def fail_run(self, batch: str, message: str, failures: dict[str, Any] | None = None) -> None:
         """Mark the batch's latest attempt failed with ``message``, keeping the per-image ``failures``.
 
@@ -483,8 +531,9 @@ class Database:
         rerun still counts with its published pairs.
         """
         with self.session() as s:
+            # Retroactive runs are not days: their counts say how much the references grew, not the queries.
             rows = s.execute(select(MatchRunRow.batch, MatchRunRow.n_flagged)
-                             .where(MatchRunRow.last_complete_at.is_not(None))
+                             .where(MatchRunRow.last_complete_at.is_not(None), MatchRunRow.retro_of.is_(None))
                              .order_by(MatchRunRow.started_at.desc()).limit(days)).all()
         return [(b, n) for b, n in reversed(rows)]
 
@@ -507,6 +556,14 @@ def _scored_by(run: MatchRunRecord) -> dict[str, Any]:
     return {"model_version": run.model_version, "stats_version": run.stats_version,
             "index_version": run.index_version, "calibration_version": run.calibration_version,
             "threshold": run.threshold}
+
+
+def _dialect_insert(dialect: str):
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -595,6 +652,7 @@ _SQLITE_ADDED_COLUMNS = (
     ("flagged_pairs", "query_sha256", "VARCHAR(64)", None),
     ("flagged_pairs", "match_source", "VARCHAR(8) NOT NULL DEFAULT 'sscd'", None),
     ("flagged_pairs", "pdq_distance", "INTEGER", None),
+    ("match_runs", "retro_of", "VARCHAR(300)", None),
 )
 
 

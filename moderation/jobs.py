@@ -511,6 +511,9 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
             indent=2, default=str).encode(), "application/json")
         if candidates_out:
             Path(candidates_out).write_text(csv_text)
+        # What retroactive matching reads to find this batch's cached vectors without reading its images.
+        p.store.put(f"{run_folder}/queries.json", queries_json(pinned.model.version, result.refs),
+                    "application/json")
         pairs = [replace(fp, bank=_bank_of(fp.reference_id, banks),
                          query_sha256=query_shas.get(fp.query_id) or None)
                  for fp in merge_pairs(chosen, cands, pdq_hits, query_keys, locations)]
@@ -584,6 +587,12 @@ def _bank_of(reference_id: str, banks: Mapping[str, str]) -> str:
     if reference_id.startswith("hashbank:"):
         return "hashbank:" + reference_id.split(":", 2)[1]
     return DEFAULT_BANK
+
+
+def queries_json(model_version: str, refs) -> bytes:
+    """A batch's query list (``runs/BATCH/queries.json``): id, object key, sha256 of each decoded query."""
+    return json.dumps({"model_version": model_version,
+                       "queries": [[r.image_id, r.location, r.sha256] for r in refs]}).encode()
 
 
 def _with_evidence(p: Pipeline, loaded: LoadedModel, pairs: list[FlaggedPair], source: ImageSource,

@@ -425,6 +425,22 @@ def calibrate_if_labelled(settings: Settings, built: Mapping[str, Any], *,
             "metrics": quality._jsonable(metrics)}
 
 
+def retro_match_new_references(settings: Settings, built: Mapping[str, Any], *,
+                               days: int | None = None) -> dict[str, Any]:
+    """Search the recent query batches for copies of the references the built index added; flag them.
+
+    :func:`moderation.retroactive.retro_match` for the build's model, after
+    its index and calibration are published. Reads: the two index versions'
+    id -> sha lists, ``runs/BATCH/queries.json`` and cached query vectors of
+    the window's batches, the images of plausible copies. Writes: each
+    batch's retroactive run (``retro/BATCH``) and its pairs, add-only.
+    Returns the result's summary (skipped batches with their reasons).
+    """
+    from moderation.retroactive import retro_match
+
+    return retro_match(open_pipeline(settings, built["model_version"]), days=days).summary()
+
+
 def collect_garbage(settings: Settings) -> dict[str, Any]:
     """Sweep the store (:func:`moderation.gc.collect_garbage` with the settings' grace period); returns its summary.
 

@@ -128,6 +128,39 @@ def test_stats_index_matching_retry_and_rerun(stack, dags, pipeline, data):
     assert (n_runs, dupes) == (1, 0)
 
 
+def test_retro_match_runs_after_publishing_and_flags_past_copies(stack, dags, pipeline, data):
+    """A reference added tonight is searched in the days already matched; its copy there is flagged."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import text
+
+    from moderation import orchestration
+    from moderation.registry import Kind
+
+    model = pipeline.registry.current(Kind.MODEL)
+    batch = f"queries/{DAY}/"
+    if pipeline.db.run(batch) is None:
+        pytest.skip("needs the chain from test_stats_index_matching_retry_and_rerun")
+    # a query of that day (a distractor nobody had indexed) becomes a reference tonight
+    pipeline.store.put("references/RNEW.jpg", data.queries[DAY][f"{batch}Q00900.jpg"], "image/jpeg")
+    dr, states, _ = h.run_dag(dags["reference_index_nightly"], conf={"keys_per_shard": 8})
+    assert dr.state == "success", states
+    assert states["retro_match"] == ("success", 1), states
+    with create_session() as s:
+        tis = {ti.task_id: ti for ti in s.query(TaskInstance).filter(
+            TaskInstance.dag_id == "reference_index_nightly", TaskInstance.run_id == dr.run_id)}
+    for upstream in ("build", "calibrate"):  # it searches only once the index is published
+        assert tis["retro_match"].start_date >= tis[upstream].end_date, upstream
+    index = pipeline.registry.current(Kind.INDEX, model_version=model.version)
+    assert pipeline.db.run(f"retro/{batch}").index_version == index.version
+    with pipeline.db.session() as s:
+        pairs = s.execute(text("select fp.query_id, fp.reference_id, r.batch from flagged_pairs fp "
+                               "join match_runs r on r.id = fp.run_id where r.retro_of = :b"), {"b": batch}).all()
+    assert ("Q00900", "RNEW", f"retro/{batch}") in pairs, pairs
+    assert {r for _, r, _ in pairs} == {"RNEW"}
+    assert orchestration.has_index(pipeline.registry, model.version)
+
+
 def test_query_gate_failure_is_readable_and_not_retried(stack, dags, pipeline, data):
     day = "2026-11-29"
     h.upload(pipeline.store, {f"queries/{day}/Q{i:03d}.jpg": b"not an image" for i in range(3)})

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.airflow
 EXPECTED = {
     "background_stats_refresh": {"sample", "fit", "announce"},
     "reference_index_nightly": {"plan", "embed_shard", "check_references", "build", "calibrate", "announce",
-                                "gc"},
+                                "retro_match", "gc"},
     "query_matching_daily": {"resolve_batch", "check_queries", "embed_queries", "match", "gate_flagged"},
     "sscd_retrain": {"plan", "train_evaluate_publish", "announce"},
 }
@@ -99,6 +99,9 @@ def test_schedules_and_asset_wiring(bag):
     # the store sweep runs once tonight's index is built and calibrated, whether or not it changed
     assert index.get_task("gc").upstream_task_ids == {"calibrate"}
     assert index.get_task("gc").downstream_task_ids == set()
+    # retroactive matching reads the published index and the calibration in force
+    assert index.get_task("retro_match").upstream_task_ids == {"build", "calibrate"}
+    assert index.get_task("retro_match").downstream_task_ids == set()
     # the reference shards are a mapped task
     assert type(index.get_task("embed_shard")).__name__ in ("MappedOperator", "DecoratedMappedOperator")
 
