@@ -16,7 +16,6 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from moderation.calibration import calibrate
 from moderation.config import Settings
 from moderation.db import Database, FlaggedPair, MatchRunRecord, connect
 from moderation.descriptor import resolve_device
@@ -31,7 +30,7 @@ from moderation.metrics import read_ground_truth
 from moderation.model_versions import LoadedModel, ensure_current_model, load_model
 from moderation.registry import (Calibration, IndexVersion, Kind, ModelVersion, Registry,
                                  StatsVersion, new_version_id)
-from moderation.statistics import BackgroundIndex, Postprocessor, fit_postprocessor
+from moderation.statistics import BackgroundIndex, Postprocessor, fit_statistics
 from moderation.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
@@ -151,8 +150,7 @@ def refresh_stats(p: Pipeline, source: ImageSource) -> StatsVersion:
     loaded = p.load(model)
     result = p.embed(loaded, source, "background")
     check_failure_rate(result, p.settings.max_failure_rate, "background set")
-    post = fit_postprocessor(result.vectors, p.settings.postprocess, p.settings.whiten_dim)
-    bg = BackgroundIndex(post.apply(result.vectors))
+    post, bg = fit_statistics(result.vectors, p.settings.postprocess, p.settings.whiten_dim)
     stats_bytes, bg_bytes = post.to_bytes(), bg.to_bytes()
     content = sha256_hex(stats_bytes + bg_bytes)
     if current := _current_if_unchanged(p, Kind.STATS, model, content):
@@ -250,11 +248,18 @@ def pin(p: Pipeline) -> Pinned:
     return Pinned(model, stats, index, p.current_calibration(model, stats))
 
 
-def _two_stage(p: Pipeline, pinned: Pinned, source: ImageSource, *, combiner=None, keep_all: bool = False):
-    """Both matching stages over ``source`` with the pinned chain (one implementation for match and calibrate)."""
+def search_space(p: Pipeline, pinned: Pinned):
+    """What matching and calibration search with the pinned chain.
+
+    Returns (:class:`moderation.evaluation.SearchSpace`, the matching
+    settings of ``p.settings`` as a TwoStageConfig, reference id -> location,
+    the loaded model, the reference-feature reader or None without
+    verification). Raises IntegrityError if an artifact fails its sha256.
+    """
+    from moderation.evaluation import SearchSpace
     from moderation.local_features import FeatureCache
     from moderation.reference_features import ReferenceFeatures
-    from moderation.two_stage import TwoStageConfig, match_queries
+    from moderation.two_stage import TwoStageConfig
 
     loaded = p.load(pinned.model)
     post, bg = p.load_stats(pinned.stats)
@@ -264,15 +269,15 @@ def _two_stage(p: Pipeline, pinned: Pinned, source: ImageSource, *, combiner=Non
     if config.verify:
         refs = ReferenceFeatures(FeatureCache(p.store, config.features), p.index_shas(pinned.index), locations,
                                  max_pixels=p.settings.max_image_pixels, max_bytes=p.settings.max_file_bytes)
-    result = match_queries(loaded.module, source, loaded.settings_for(p.settings), config, index, post, bg,
-                           reference_features=refs.get if refs else None, combiner=combiner,
-                           cache=VectorCache(p.store, loaded.version),
-                           device=resolve_device(p.settings.device.value), keep_all=keep_all)
+    space = SearchSpace(post, bg, index, refs.get if refs else None)
+    return space, config, locations, loaded, refs
+
+
+def _warn_uncached_features(refs) -> None:
     if refs is not None and refs.computed:
         log.warning("%d references had no cached local features and were described during matching; "
                     "rebuild the index (reference_index_nightly / `moderation index build`) to precompute "
                     "them", refs.computed)
-    return result, config, locations, loaded
 
 
 def _check_batch(result, limit: float, what: str) -> None:
@@ -283,49 +288,41 @@ def calibrate_labelled(p: Pipeline, source: ImageSource, ground_truth: Path, *,
                        target_precision: float = 0.9, store: bool = True) -> tuple[Calibration, dict]:
     """Evaluate the pinned chain on a labelled query set and (by default) store its calibration.
 
-    With verification on (the default), the score combiner is fitted on the
-    set's candidates and the thresholds (``target_precision``, and 0.99 where
-    the set reaches it) are chosen on the fused score; both are stored with
-    the views and verifier settings they were fitted for. Returns the
-    calibration record and the metrics (μAP, μAP with SN, RP90, recall@1,
-    thresholds). Raises ModerationError on a malformed ground truth.
+    The evaluation is :func:`moderation.evaluation.evaluate_queries` (the
+    protocol the trainer and the benchmarks use too): every query of
+    ``source`` counts, and a labelled query that fails to decode is a missed
+    positive. With verification on (the default), the score combiner is
+    fitted on the set's candidates and the thresholds (``target_precision``,
+    and 0.99 where the set reaches it) are chosen on the fused score; both
+    are stored with the views and verifier settings they were fitted for.
+    Returns the calibration record and the metrics (μAP, μAP with SN, RP90,
+    recall@1, thresholds, counts). Raises ModerationError on a malformed
+    ground truth or one without a positive among the set's queries, and
+    BatchFailedError when too many queries fail to decode.
     """
-    from moderation.calibration import calibrate_fused
+    from moderation.evaluation import evaluate_queries
 
     gt = read_ground_truth(Path(ground_truth))
     pinned = pin(p)
-    result, config, _, _ = _two_stage(p, pinned, source, keep_all=True)
-    _check_batch(result, p.settings.max_failure_rate, "labelled queries")
-    cands = result.candidates
-    missing = [q for q in result.ids if q not in gt]
-    if missing:
-        log.warning("%d embedded queries are not in the ground truth and are ignored (e.g. %s)",
-                    len(missing), missing[:3])
-        cands = [c for c in cands if c.query_id in gt]
-    ids = set(result.ids)
-    gt_used = {q: r for q, r in gt.items() if q in ids}
-    combiner, high = {}, None
-    if config.verify:
-        fused = calibrate_fused(cands, gt_used, k=config.k, target_precision=target_precision)
-        threshold, reached, combiner, high = fused.threshold, fused.reached, fused.combiner.to_dict(), \
-            fused.high_threshold
-        metrics = dict(fused.metrics)
-    else:
-        res = calibrate([c for c in cands if c.rank <= config.k], gt_used, target_precision)
-        threshold, reached = res.threshold, res.reached
-        metrics = {**res.metrics, "threshold": res.threshold}
-    metrics.update({"target_reached": reached, "n_failed": len(result.failures)})
+    space, config, _, loaded, refs = search_space(p, pinned)
+    evaluation = evaluate_queries(loaded.module, source, gt, space, loaded.settings_for(p.settings), config,
+                                  target_precision=target_precision, cache=VectorCache(p.store, loaded.version),
+                                  device=resolve_device(p.settings.device.value))
+    _warn_uncached_features(refs)
+    _check_batch(evaluation.matched, p.settings.max_failure_rate, "labelled queries")
+    fit, metrics = evaluation.fit, dict(evaluation.metrics)
     record = Calibration(version=new_version_id(), model_version=pinned.model.version,
-                         stats_version=pinned.stats.version, threshold=threshold,
-                         target_precision=target_precision, metrics=metrics, combiner=combiner,
-                         matching=config.as_dict(), high_threshold=high,
+                         stats_version=pinned.stats.version, threshold=fit.threshold,
+                         target_precision=target_precision, metrics=metrics,
+                         combiner=fit.combiner.to_dict() if fit.combiner else {},
+                         matching=config.as_dict(), high_threshold=fit.high_threshold,
                          info={"index_version": pinned.index.version,
                                "ground_truth": str(ground_truth)})
     if store:
         record = p.registry.publish(Kind.CALIBRATION, record, {})
         p.db.record_calibration(record)
         p.db.update_model_metrics(pinned.model.version, metrics, metrics.get("rp90_threshold_raw"))
-    if not reached:
+    if not fit.reached:
         log.warning("precision %.2f was never reached on this labelled set; the stored threshold "
                     "flags almost nothing. Check the model and statistics.", target_precision)
     return record, metrics
@@ -369,7 +366,7 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
     run_id = p.db.start_run(run)
     failures = None
     try:
-        result, config, locations, loaded = _two_stage(p, pinned, source, combiner=combiner)
+        result, config, locations, loaded = _match(p, pinned, source, combiner)
         failures = _failure_summary(result)
         run_folder = f"runs/{_safe_batch(batch)}"
         p.store.put(f"{run_folder}/failures.json", json.dumps(failures).encode(), "application/json")
@@ -417,6 +414,19 @@ def _with_evidence(p: Pipeline, loaded: LoadedModel, pairs: list[FlaggedPair], s
     from moderation.evidence import attach_evidence
 
     return attach_evidence(p, loaded, pairs, source, run_folder, geometry=geometry)
+
+
+def _match(p: Pipeline, pinned: Pinned, source: ImageSource, combiner):
+    """Both matching stages over ``source`` with the pinned chain: (result, config, locations, loaded)."""
+    from moderation.two_stage import match_queries
+
+    space, config, locations, loaded, refs = search_space(p, pinned)
+    result = match_queries(loaded.module, source, loaded.settings_for(p.settings), config, space.index,
+                           space.postprocessor, space.background, reference_features=space.reference_features,
+                           combiner=combiner, cache=VectorCache(p.store, loaded.version),
+                           device=resolve_device(p.settings.device.value))
+    _warn_uncached_features(refs)
+    return result, config, locations, loaded
 
 
 def _threshold(p: Pipeline, pinned: Pinned):

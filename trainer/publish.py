@@ -5,8 +5,10 @@ and the Airflow DAG call. After training (every rank), rank 0:
 
 1. exports the model to TorchScript and reloads it: the reloaded file is
    what gets evaluated, so the figures describe the bytes that ship;
-2. evaluates it on the validation set (μAP, μAP-SN, RP90, recall@1, the 90 %
-   precision thresholds) and draws the precision-recall curve;
+2. evaluates it on the validation set with the project's one evaluation
+   protocol (:func:`moderation.evaluation.evaluate_labelled_set`: statistics
+   fitted on the background, never the references; μAP, μAP-SN, RP90,
+   recall@1, the 90 % precision thresholds) and draws the precision-recall curve;
 3. evaluates the model in force on the same set, with its own image size;
 4. publishes a new model version (``model.pt``, ``train_log.jsonl``,
    ``pr_curve.png``) whose manifest holds the metrics, the threshold, the
@@ -38,7 +40,7 @@ from moderation.images import sha256_hex
 from moderation.registry import Kind, ModelVersion, Registry, new_version_id
 from trainer import distributed as D
 from trainer.config import TrainConfig
-from trainer.evaluate import EvalResult, ValidationSet, evaluate_detailed
+from moderation.evaluation import Evaluation, ValidationSet, evaluate_labelled_set
 from trainer.loop import LOG_NAME, TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ class PublishResult:
     export_path: str = ""
 
 
-def pr_curve_png(result: EvalResult, title: str = "precision-recall") -> bytes:
+def pr_curve_png(result: Evaluation, title: str = "precision-recall") -> bytes:
     """PNG of the pooled precision-recall curves, raw cosine and score-normalised."""
     import matplotlib
 
@@ -164,8 +166,8 @@ def train_and_publish(config: TrainConfig, settings: Settings, *, registry: Regi
     png = b""
     if config.val_dir:
         vs = ValidationSet.from_dir(config.val_dir)
-        evaluation = evaluate_detailed(scripted, vs, settings, image_size=image_size,
-                                       resize_mode=resize_mode, device=env.device)
+        evaluation = evaluate_labelled_set(scripted, vs, settings, image_size=image_size,
+                                           resize_mode=resize_mode, device=env.device)
         metrics = dict(evaluation.metrics, validation_set=str(config.val_dir))
         png = pr_curve_png(evaluation, f"{result.config.backbone} {config.dim}-d, {config.val_dir}")
         incumbent = _evaluate_incumbent(registry, settings, vs, env.device)
@@ -197,8 +199,8 @@ def _evaluate_incumbent(registry, settings: Settings, vs: ValidationSet, device)
         return {}
     name, module, size, mode = found
     try:
-        return dict(evaluate_detailed(module, vs, settings, image_size=size, resize_mode=mode,
-                                      device=device).metrics, model=name)
+        return dict(evaluate_labelled_set(module, vs, settings, image_size=size, resize_mode=mode,
+                                          device=device).metrics, model=name)
     except Exception as exc:  # a broken incumbent must not lose the new model
         log.warning("could not evaluate the model in force (%s): %s", name, exc)
         return {"model": name, "error": f"{type(exc).__name__}: {exc}"}
