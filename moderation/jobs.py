@@ -6,13 +6,16 @@ idempotent: an unchanged input republishes nothing, a repeated batch
 updates its run in place.
 
 Order on a fresh system: ``refresh_stats`` (background) -> ``build_reference_index``
--> ``calibrate_labelled`` (optional but recommended) -> ``run_matching``.
+-> ``calibrate_labelled`` -> ``run_matching``. Without a calibration, matching flags
+only at a threshold that ships with the model for its matching settings, and
+otherwise flags nothing (:mod:`moderation.thresholds`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,10 +37,6 @@ from moderation.statistics import BackgroundIndex, Postprocessor, fit_statistics
 from moderation.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
-
-# Used only when no calibration exists and MODERATION_THRESHOLD is unset: a
-# conservative normalised-score cut that flags little. Calibrate instead.
-UNCALIBRATED_THRESHOLD = 0.25
 
 
 @dataclass
@@ -336,7 +335,7 @@ class MatchSummary:
     n_failed: int
     n_candidates: int
     n_flagged: int
-    threshold: float
+    threshold: float | None  # None: no threshold applied, nothing flagged (threshold_source says why)
     threshold_source: str
     model_version: str
     stats_version: str
@@ -352,12 +351,18 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
     results (no duplicate pairs). On failure the run is marked failed with
     the error and the exception propagates. Raises NotFoundError if the
     index or statistics are missing.
+
+    The threshold is chosen by :func:`moderation.thresholds.choose`; when
+    none applies the run flags nothing, records an infinite threshold and
+    says why in ``threshold_source`` (summary, ``matching.json``, log).
     """
     pinned = pin(p)
-    threshold, source_name, combiner = _threshold(p, pinned)
+    choice = flag_threshold(p, pinned)
+    threshold, source_name, combiner = choice.value, choice.source, choice.combiner
     run = MatchRunRecord(batch=batch, model_version=pinned.model.version,
                          stats_version=pinned.stats.version, index_version=pinned.index.version,
-                         threshold=threshold,
+                         # match_runs.threshold is NOT NULL; no score reaches +inf, which is what "flag nothing" means
+                         threshold=threshold if choice.flags else math.inf,
                          calibration_version=pinned.calibration.version if pinned.calibration else None)
     for rec, record_fn in ((pinned.stats, p.db.record_stats), (pinned.index, p.db.record_index)):
         record_fn(rec)
@@ -377,13 +382,13 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
         p.store.put(f"{run_folder}/verification.csv", verification_csv(cands).encode(), "text/csv")
         p.store.put(f"{run_folder}/matching.json", json.dumps(
             {"matching": config.as_dict(), "threshold": threshold, "threshold_source": source_name,
-             "high_threshold": pinned.calibration.high_threshold if pinned.calibration else None,
+             "high_threshold": choice.high,
              "combiner": combiner.to_dict(), "seconds": result.seconds, "n_verified": result.n_verified},
             indent=2, default=str).encode(), "application/json")
         if candidates_out:
             Path(candidates_out).write_text(csv_text)
         query_keys = {r.image_id: r.location for r in result.refs}
-        chosen = flagged(cands, threshold)
+        chosen = flagged(cands, threshold) if choice.flags else []
         pairs = [FlaggedPair(c.query_id, c.reference_id, c.raw_score, c.score, c.rank,
                              query_key=query_keys.get(c.query_id),
                              reference_key=locations.get(c.reference_id)) for c in chosen]
@@ -402,8 +407,9 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
         except Exception as mark_exc:  # the database may be what failed: keep the original error
             log.error("could not mark batch %s as failed: %s", batch, mark_exc)
         raise
-    log.info("batch %s: %d queries, %d candidates, %d flagged at threshold %.4f (%s)", batch,
-             run.n_queries, run.n_candidates, len(pairs), threshold, source_name)
+    log.info("batch %s: %d queries, %d candidates, %d flagged at threshold %s (%s)", batch,
+             run.n_queries, run.n_candidates, len(pairs), "none" if threshold is None else f"{threshold:.4f}",
+             source_name)
     return MatchSummary(run_id, batch, run.n_queries, run.n_failed, run.n_candidates, len(pairs),
                         threshold, source_name, pinned.model.version, pinned.stats.version,
                         pinned.index.version, run.candidates_key)
@@ -414,6 +420,15 @@ def _with_evidence(p: Pipeline, loaded: LoadedModel, pairs: list[FlaggedPair], s
     from moderation.evidence import attach_evidence
 
     return attach_evidence(p, loaded, pairs, source, run_folder, geometry=geometry)
+
+
+def flag_threshold(p: Pipeline, pinned: Pinned):
+    """The :class:`moderation.thresholds.FlagThreshold` of a match run with this pipeline's settings."""
+    from moderation.thresholds import choose
+    from moderation.two_stage import TwoStageConfig
+
+    return choose(p.settings.threshold, TwoStageConfig.from_settings(p.settings).as_dict(), pinned.model,
+                  pinned.stats, pinned.calibration)
 
 
 def _match(p: Pipeline, pinned: Pinned, source: ImageSource, combiner):
@@ -427,44 +442,6 @@ def _match(p: Pipeline, pinned: Pinned, source: ImageSource, combiner):
                            device=resolve_device(p.settings.device.value))
     _warn_uncached_features(refs)
     return result, config, locations, loaded
-
-
-def _threshold(p: Pipeline, pinned: Pinned):
-    """(threshold, where it came from, score combiner) for a match run.
-
-    A calibration is used only if it was fitted for the run's matching
-    settings (verification on or off, views, local features): its
-    threshold is on the scale of the score it was fitted for.
-    """
-    from moderation.fusion import DEFAULT_RULE, Combiner
-    from moderation.two_stage import TwoStageConfig
-
-    wanted = TwoStageConfig.from_settings(p.settings).as_dict()
-    cal = pinned.calibration
-    usable = cal is not None and _same_matching(cal, wanted)
-    combiner = Combiner.from_dict(cal.combiner) if usable and cal.combiner else DEFAULT_RULE
-    if p.settings.threshold:
-        return p.settings.threshold, "MODERATION_THRESHOLD", combiner
-    if usable:
-        return cal.threshold, f"calibration {cal.version}", combiner
-    if cal is not None:
-        log.warning("calibration %s was fitted for other matching settings (%s) than this run's (%s): "
-                    "its threshold does not apply. Recalibrate with `moderation calibrate`.",
-                    cal.version, cal.matching or "global stage only", wanted)
-    log.warning("no usable calibration for model %s + statistics %s: using the conservative default "
-                "threshold %.2f. Run `moderation calibrate` on a labelled set.",
-                pinned.model.version, pinned.stats.version, UNCALIBRATED_THRESHOLD)
-    return UNCALIBRATED_THRESHOLD, "uncalibrated default", combiner
-
-
-def _same_matching(cal: Calibration, wanted: dict) -> bool:
-    have = cal.matching or {"verify": False, "views": "full"}
-    keys = ["verify", "views"]
-    if have.get("verify"):
-        keys.append("features")
-    if have.get("views") != "full":
-        keys.append("crop_penalty")
-    return all(have.get(k, 0.0 if k == "crop_penalty" else None) == wanted.get(k) for k in keys)
 
 
 def _safe_batch(batch: str) -> str:
