@@ -10,7 +10,10 @@
    peak memory.
 
 Usage: .venv/bin/python benchmarks/pipeline_bench.py [--bench DIR] [--skip-accuracy]
-       [--skip-embedding] [--skip-matching] [--n-refs 1000000] [--n-queries 10000]
+       [--skip-embedding] [--skip-matching] [--n-refs 1000000] [--n-queries 10000] [--out FILE]
+
+The accuracy figures go through ``jobs.calibrate_labelled`` (the one
+evaluation protocol, ``moderation/evaluation.py``), global stage only.
 """
 
 from __future__ import annotations
@@ -61,30 +64,43 @@ def pipeline_metrics(bench: Path, home: Path, model: str) -> dict:
 
 
 def pdq_metrics(bench: Path, k: int = 10) -> dict:
-    """PDQ hashes, score = 1 - hamming/256, top-k references per query, same metric code."""
+    """PDQ hashes, score = 1 - hamming/256, top-k references per query, the same evaluation function."""
     import pdqhash
     from PIL import Image
 
-    from moderation.metrics import Prediction, evaluate, read_ground_truth
+    from moderation.evaluation import evaluate_matches
+    from moderation.images import Failure, ImageRef
+    from moderation.matching import Candidate
+    from moderation.metrics import read_ground_truth
+    from moderation.two_stage import TwoStageConfig, TwoStageResult
+    from moderation.views import ViewConfig
 
     def hashes(folder: Path):
-        ids, bits = [], []
+        refs, bits, failures = [], [], []
         for path in sorted(folder.glob("*.jpg")):
-            arr = np.asarray(Image.open(path).convert("RGB"))
+            try:
+                arr = np.asarray(Image.open(path).convert("RGB"))
+            except OSError as exc:  # an undecodable query stays in N as a missed positive
+                failures.append(Failure(path.stem, str(path), "unreadable", str(exc)))
+                continue
             h, _quality = pdqhash.compute(arr)
-            ids.append(path.stem)
+            refs.append(ImageRef(path.stem, str(path), ""))
             bits.append(h.astype(bool))
-        return ids, np.stack(bits)
+        return refs, np.stack(bits), failures
 
-    rid, rbits = hashes(bench / "references")
-    qid, qbits = hashes(bench / "queries")
+    rrefs, rbits, _ = hashes(bench / "references")
+    qrefs, qbits, qfail = hashes(bench / "queries")
     dist = (qbits[:, None, :] != rbits[None, :, :]).sum(-1)
-    preds = []
-    for i, q in enumerate(qid):
-        for j in np.argsort(dist[i], kind="stable")[:k]:
-            preds.append(Prediction(q, rid[j], 1.0 - dist[i, j] / 256.0))
-    m = evaluate(preds, read_ground_truth(bench / "ground_truth.csv"))
-    return {"uap": m.uap, "rp90": m.rp90, "recall_at_1": m.recall_at_1}
+    cands = []
+    for i, q in enumerate(qrefs):
+        for rank, j in enumerate(np.argsort(dist[i], kind="stable")[:k], 1):
+            score = 1.0 - dist[i, j] / 256.0
+            cands.append(Candidate(q.image_id, rrefs[j].image_id, score, score, rank))
+    matched = TwoStageResult(qrefs, np.zeros((len(qrefs), 0), np.float32), cands, qfail)
+    m = evaluate_matches(matched, read_ground_truth(bench / "ground_truth.csv"),
+                         TwoStageConfig(views=ViewConfig(), verify=False, k=k)).metrics
+    return {"uap": m["uap"], "rp90": m["rp90"], "recall_at_1": m["recall_at_1"],
+            "n_positives": m["n_positives"], "n_failed": m["n_failed"]}
 
 
 def embedding_throughput(bench: Path, home: Path, n_images: int = 256, repeats: int = 2) -> dict:
@@ -101,7 +117,8 @@ def embedding_throughput(bench: Path, home: Path, n_images: int = 256, repeats: 
     s = loaded.settings_for(settings)
     files = sorted((bench / "references").glob("*.jpg"))[:n_images]
     source = FolderSource(bench / "references")
-    refs = [r for r in source.refs() if Path(r.location) in set(files)]
+    wanted = set(files)
+    refs = [r for r in source.refs() if Path(r.location) in wanted]
     tensors = [preprocess(decode_image(f.read_bytes()), s.image_size, s.resize_mode) for f in files]
     model = loaded.module
     with torch.inference_mode():  # warm-up
@@ -165,6 +182,7 @@ def main() -> None:
     ap.add_argument("--skip-matching", action="store_true")
     ap.add_argument("--n-refs", type=int, default=1_000_000)
     ap.add_argument("--n-queries", type=int, default=10_000)
+    ap.add_argument("--out", type=Path, help="also write the JSON here (e.g. benchmarks/results/...)")
     args = ap.parse_args()
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,7 +201,11 @@ def main() -> None:
         if not args.skip_matching:
             out["matching"] = matching_time(args.n_refs, args.n_queries)
             print("matching:", json.dumps(out["matching"]), flush=True)
-    print(json.dumps(out, indent=2, default=str))
+    text = json.dumps(out, indent=2, default=str)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -7,14 +7,19 @@
    ``background/`` images plus generated ones - never on its references or
    queries - launched as ``python -m trainer`` with the recipe below, which
    evaluates the result on bench-dev and exports TorchScript + manifest.
-4. A table (Markdown) and ``benchmarks/out/train_bench.json``; with ``--ship``
-   the trained model becomes the shipped default
+4. With ``--shipped``: the shipped default model (``moderation/models/default.pt``)
+   evaluated as it is, at its manifest's image size: the trained row without training.
+5. A table (Markdown) and ``benchmarks/out/train_bench.json`` (or ``--out``); with
+   ``--ship`` the trained model becomes the shipped default
    (``moderation/models/default.pt`` and ``default.json``).
+
+Every evaluation is ``moderation.evaluation.evaluate_labelled_set``, the
+protocol the trainer and the pipeline share.
 
 Usage::
 
     .venv/bin/python benchmarks/train_bench.py [--bench ../shared/bench-dev] [--minutes 30]
-        [--ship] [--skip-train] [--skip-start] [--skip-pdq]
+        [--ship] [--skip-train] [--skip-start] [--skip-pdq] [--shipped] [--out FILE]
 
 Training throughput (images/s = augmented views through the network per
 second, data loading included) comes from the run's log.
@@ -57,20 +62,36 @@ def eval_size() -> int:
     return int(RECIPE[RECIPE.index("--eval-size") + 1])
 
 
-def start_metrics(bench: Path, size: int) -> dict:
+def evaluated(model, bench: Path, size: int, resize_mode: str | None = None) -> dict:
+    """``model``'s figures on bench-dev with the one evaluation protocol, at ``size``."""
     import torch
 
     from moderation.config import Settings
-    from moderation.descriptor import build_model
-    from trainer.evaluate import ValidationSet, evaluate_detailed
+    from moderation.evaluation import ValidationSet, evaluate_labelled_set
 
     torch.set_num_threads(1)
     settings = Settings.from_env(progress=False, workers=2)
-    model = build_model("mobilenet_v2", projection_dim=0, pretrained=True).eval()
     t0 = time.perf_counter()
-    m = evaluate_detailed(model, ValidationSet.from_dir(bench), settings, image_size=size).metrics
+    m = evaluate_labelled_set(model, ValidationSet.from_dir(bench), settings, image_size=size,
+                              resize_mode=resize_mode).metrics
     m["seconds"] = round(time.perf_counter() - t0, 1)
     return m
+
+
+def start_metrics(bench: Path, size: int) -> dict:
+    from moderation.descriptor import build_model
+
+    return evaluated(build_model("mobilenet_v2", projection_dim=0, pretrained=True).eval(), bench, size)
+
+
+def shipped_metrics(bench: Path) -> dict:
+    """The shipped default model, evaluated now at its manifest's size and resize mode."""
+    from moderation.descriptor import load_torchscript
+
+    dest = REPO / "moderation" / "models"
+    manifest = json.loads((dest / "default.json").read_text())
+    m = evaluated(load_torchscript(dest / "default.pt"), bench, manifest["image_size"], manifest["resize_mode"])
+    return dict(m, model_version=manifest["version"])
 
 
 def train(bench: Path, minutes: float) -> dict:
@@ -97,7 +118,8 @@ def table(results: dict) -> str:
         lines.append(f"| PDQ (256-bit, Hamming) | {f(p['uap'])} | – | {f(p['rp90'])} | – "
                      f"| {f(p['recall_at_1'])} |")
     for key, label in (("start", "starting model: ImageNet MobileNetV2 + GeM, 1280-d"),
-                       ("trained", "trained (CPU, ≤30 min), 512-d")):
+                       ("trained", "trained (CPU, ≤30 min), 512-d"),
+                       ("shipped", "the shipped default, 512-d (evaluated now)")):
         if key in results:
             m = results[key]
             lines.append(f"| {label} | {f(m['uap'])} | {f(m['uap_sn'])} | {f(m['rp90'])} | "
@@ -113,6 +135,8 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-start", action="store_true")
     ap.add_argument("--skip-pdq", action="store_true")
+    ap.add_argument("--shipped", action="store_true", help="also evaluate the shipped default model as it is")
+    ap.add_argument("--out", type=Path, default=OUT / "train_bench.json", help="where the JSON goes")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "benchmarks"))
     OUT.mkdir(parents=True, exist_ok=True)
@@ -125,6 +149,9 @@ def main() -> None:
     if not args.skip_start:
         results["start"] = start_metrics(args.bench, eval_size())
         print("start:", json.dumps(results["start"]), flush=True)
+    if args.shipped:
+        results["shipped"] = shipped_metrics(args.bench)
+        print("shipped:", json.dumps(results["shipped"]), flush=True)
     if not args.skip_train:
         run = train(args.bench, args.minutes)
         m = run["manifest"]
@@ -149,7 +176,8 @@ def main() -> None:
             manifest["info"] = dict(m["info"], reproduce="python benchmarks/train_bench.py --ship")
             (dest / "default.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             print(f"shipped {dest / 'default.pt'} ({(dest / 'default.pt').stat().st_size / 1e6:.1f} MB)")
-    (OUT / "train_bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print()
     print(table(results))
     if "training" in results:

@@ -44,21 +44,27 @@ def edit_types(path: Path) -> dict[str, list[str]]:
         return {row["query_id"]: row["ops"].split("|") for row in csv.DictReader(fh)}
 
 
-def stage_report(cands, gt, ops, threshold, high_threshold) -> dict:
-    from moderation.metrics import evaluate, precision_at, recall_at, recall_at_1, recall_at_k
+def stage_report(evaluation, every, ops) -> dict:
+    """A stage's figures from its evaluation (:func:`moderation.evaluation.evaluate_matches`).
 
-    preds = [c.prediction() for c in cands]
-    top10 = [c.prediction() for c in cands if c.rank <= 10]
-    m = evaluate(top10, gt)
-    out = {"uap": round(m.uap, 4), "rp90": round(m.rp90, 4), "recall_at_1": round(m.recall_at_1, 4),
+    ``every`` holds all of the stage's candidates with final scores (not only
+    the top 10 the evaluation scores): recall@10 and recall@50 are computed on it.
+    """
+    from moderation.metrics import recall_at_1, recall_at_k
+
+    m, gt = evaluation.metrics, evaluation.ground_truth
+    preds = [c.prediction() for c in every if c.query_id in gt]
+    out = {"uap": round(m["uap_sn"], 4), "rp90": round(m["rp90_sn"], 4), "recall_at_1": round(m["recall_at_1"], 4),
            "recall_at_10": round(recall_at_k(preds, gt, 10), 4),
            "recall_at_50": round(recall_at_k(preds, gt, 50), 4),
-           "threshold": round(threshold, 5), "flagged_precision": round(precision_at(top10, gt, threshold), 4),
-           "flagged_recall": round(recall_at(top10, gt, threshold), 4)}
-    if high_threshold is not None:
-        out["p99_threshold"] = round(high_threshold, 5)
-        out["p99_precision"] = round(precision_at(top10, gt, high_threshold), 4)
-        out["p99_recall"] = round(recall_at(top10, gt, high_threshold), 4)
+           "n_positives": m["n_positives"], "n_failed": m["n_failed"],
+           "threshold": round(evaluation.fit.threshold, 5), "n_flagged": m["n_flagged"],
+           "flagged_precision": _round(m["flagged_precision"]), "flagged_recall": _round(m["flagged_recall"])}
+    if evaluation.fit.high_threshold is not None:
+        out["p99_threshold"] = round(evaluation.fit.high_threshold, 5)
+        out["p99_precision"] = _round(m["high_flagged_precision"])
+        out["p99_recall"] = _round(m["high_flagged_recall"])
+    top10 = [c.prediction() for c in evaluation.candidates]
     by_op = {}
     for op in sorted({o for q in gt for o in ops.get(q, [])}):
         sub = {q: r for q, r in gt.items() if r is not None and op in ops.get(q, [])}
@@ -66,6 +72,10 @@ def stage_report(cands, gt, ops, threshold, high_threshold) -> dict:
             by_op[op] = round(recall_at_1([p for p in top10 if p.query_id in sub], sub), 3)
     out["recall_at_1_by_edit"] = by_op
     return out
+
+
+def _round(x, digits: int = 4):
+    return None if x is None else round(x, digits)
 
 
 def save_analysis(path: Path, a, timing: dict) -> None:
@@ -107,9 +117,9 @@ def load_analysis(path: Path):
 
 def ablation(analysis, gt, ms, full, index, post, bg, refs_feats, memo) -> dict:
     """View sets and verification budgets, fitted and measured on extra/ alone (model selection)."""
-    from moderation.calibration import calibrate_fused
+    from moderation.evaluation import evaluate_matches
     from moderation.metrics import Prediction, recall_at_k
-    from moderation.two_stage import match_analysis, rescore
+    from moderation.two_stage import match_analysis
     from moderation.views import ViewConfig
 
     specs = ["full", "full,mirror", "full,mirror,grid2", "full,mirror,grid2,center",
@@ -124,8 +134,7 @@ def ablation(analysis, gt, ms, full, index, post, bg, refs_feats, memo) -> dict:
         cfg = replace(full, views=ViewConfig.parse(spec), verify_topk=topk, crop_penalty=penalty)
         res = match_analysis(analysis, ms, cfg, index, post, bg, reference_features=refs_feats.get,
                              keep_all=True, memo=memo)
-        fused = calibrate_fused(res.candidates, gt, k=cfg.k)
-        final = rescore(res.candidates, fused.combiner, cfg.k)
+        fused = evaluate_matches(res, gt, cfg)
         views = sum(1 for n in analysis.view_names if n.split("_", 1)[0] in spec.split(",")) / len(analysis.refs)
         key = f"{spec} | verify top-{topk} | crop penalty {penalty}"
         rows[key] = {
@@ -134,7 +143,7 @@ def ablation(analysis, gt, ms, full, index, post, bg, refs_feats, memo) -> dict:
                                                       for c in res.candidates], gt, 10), 4),
             "uap": round(fused.metrics["uap_sn"], 4), "rp90": round(fused.metrics["rp90_sn"], 4),
             "recall_at_1": round(fused.metrics["recall_at_1"], 4),
-            "recall_at_10_final": round(recall_at_k([c.prediction() for c in final], gt, 10), 4)}
+            "recall_at_10_final": round(recall_at_k([c.prediction() for c in fused.candidates], gt, 10), 4)}
         print("ablation:", key, json.dumps(rows[key]), flush=True)
     return rows
 
@@ -156,13 +165,13 @@ def main() -> None:
     if not (bench / "extra" / "queries").is_dir():
         sys.exit(f"bench-dev with extra/ not found at {bench}; pass --bench DIR")
 
-    from moderation.calibration import calibrate, calibrate_fused
+    from moderation.evaluation import evaluate_matches
     from moderation.jobs import Pipeline, build_reference_index, refresh_stats
     from moderation.local_features import FeatureCache
     from moderation.metrics import read_ground_truth
     from moderation.query_analysis import analyse_queries
     from moderation.reference_features import ReferenceFeatures
-    from moderation.two_stage import TwoStageConfig, match_analysis
+    from moderation.two_stage import TwoStageConfig, match_analysis, rescore
     from moderation.verification import verify_many, QueryTask
     from moderation.views import ViewConfig
 
@@ -228,26 +237,16 @@ def main() -> None:
             for name in ("extra", "queries"):
                 res[name] = match_analysis(analyses[name], ms, cfg, index, post, bg,
                                            reference_features=refs_feats.get, keep_all=True, memo=memo[name])
-            if cfg.verify:
-                fused = calibrate_fused(res["extra"].candidates, gts["extra"], k=cfg.k)
-                from moderation.two_stage import rescore
-
-                report_cands = rescore(res["queries"].candidates, fused.combiner)
-                threshold, high = fused.threshold, fused.high_threshold
-                extra_cands = rescore(res["extra"].candidates, fused.combiner)
-                combiner = fused.combiner.to_dict()
-            else:
-                report_cands = res["queries"].candidates
-                extra_cands = res["extra"].candidates
-                cal = calibrate([c for c in extra_cands if c.rank <= 10], gts["extra"])
-                from moderation.metrics import evaluate
-
-                high = evaluate([c.prediction() for c in extra_cands if c.rank <= 10], gts["extra"],
-                                0.99).rp90_threshold
-                threshold, combiner = cal.threshold, None
-            results[stage] = stage_report(report_cands, gts["queries"], ops, threshold, high)
-            results[stage]["fit_on_extra"] = {k: v for k, v in stage_report(
-                extra_cands, gts["extra"], {}, threshold, high).items() if k != "recall_at_1_by_edit"}
+            # Fitted on extra/ (combiner, 90 % and 99 % thresholds), applied to and reported on queries/.
+            fitted = evaluate_matches(res["extra"], gts["extra"], cfg, k=10)
+            report = evaluate_matches(res["queries"], gts["queries"], cfg, k=10, fit=fitted.fit)
+            every = {name: rescore(res[name].candidates, fitted.fit.combiner) if cfg.verify else res[name].candidates
+                     for name in ("extra", "queries")}
+            combiner = fitted.fit.combiner.to_dict() if cfg.verify else None
+            report_cands = every["queries"]
+            results[stage] = stage_report(report, every["queries"], ops)
+            results[stage]["fit_on_extra"] = {k: v for k, v in stage_report(fitted, every["extra"], {}).items()
+                                              if k != "recall_at_1_by_edit"}
             if combiner:
                 results[stage]["combiner"] = combiner
             print(f"{stage}:", json.dumps(results[stage]), flush=True)

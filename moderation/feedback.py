@@ -36,7 +36,7 @@ import csv
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -102,8 +102,8 @@ class Proposal:
     model_version: str | None
     stats_version: str | None
     target_precision: float
-    current_threshold: float
-    proposed_threshold: float
+    current_threshold: float | None  # None: no threshold in force (see calibrate_from_decisions)
+    proposed_threshold: float | None
     action: str  # raise | lower | keep | refuse
     reason: str
     n_decisions: int
@@ -249,22 +249,30 @@ def calibrate_from_decisions(p, *, store: bool = False, target_precision: float 
     threshold, publishes a calibration version (source ``decisions``) that
     the next matching run uses. Returns the proposal as a JSON-able dict
     (``action``: raise | lower | keep | refuse; ``bands``; estimates with
-    95% intervals; ``calibration_version`` when stored).
+    95% intervals; ``calibration_version`` when stored). With no threshold
+    in force (``moderation.thresholds``: nothing is flagged) the action is
+    ``refuse`` and the thresholds are None: decisions can move a threshold,
+    not set the first one.
     """
     from moderation import review
-    from moderation.jobs import _threshold, pin
+    from moderation.jobs import flag_threshold, pin
     from moderation.registry import Calibration, Kind, new_version_id
 
     from moderation.two_stage import TwoStageConfig
 
     pinned = pin(p)
-    current, source, combiner = _threshold(p, pinned)
+    choice = flag_threshold(p, pinned)
+    current, source, combiner = choice.value, choice.source, choice.combiner
     rows = review.pair_states(p.db, model_version=pinned.model.version, stats_version=pinned.stats.version)
     # A pair only PDQ flagged was not chosen by the threshold: its decision says nothing about where it lies.
     rows = [r for r in rows if r.get("match_source", "sscd") != "pdq"]
-    proposal = propose_threshold(rows, current, target=target_precision, min_decisions=min_decisions,
-                                 min_per_band=min_per_band, model_version=pinned.model.version,
-                                 stats_version=pinned.stats.version)
+    proposal = propose_threshold(rows, current if choice.flags else math.inf, target=target_precision,
+                                 min_decisions=min_decisions, min_per_band=min_per_band,
+                                 model_version=pinned.model.version, stats_version=pinned.stats.version)
+    if not choice.flags:
+        proposal = replace(proposal, action="refuse", current_threshold=None, proposed_threshold=None,
+                           at_proposed=None, reason=f"{source}: calibrate on a labelled set first "
+                           "(`moderation calibrate --images DIR --ground-truth gt.csv`)")
     out_note = None
     if store and proposal.moved:
         at = proposal.at_proposed

@@ -6,7 +6,9 @@ idempotent: an unchanged input republishes nothing, a repeated batch
 updates its run in place.
 
 Order on a fresh system: ``refresh_stats`` (background) -> ``build_reference_index``
--> ``calibrate_labelled`` (optional but recommended) -> ``run_matching``.
+-> ``calibrate_labelled`` -> ``run_matching``. Without a calibration, matching flags
+only at a threshold that ships with the model for its matching settings, and
+otherwise flags nothing (:mod:`moderation.thresholds`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -22,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from moderation.banks import DEFAULT_BANK, assign_banks
-from moderation.calibration import calibrate
 from moderation.config import Settings
 from moderation.db import Database, FlaggedPair, MatchRunRecord, connect
 from moderation.descriptor import resolve_device
@@ -39,16 +41,12 @@ from moderation.pdq_matching import PDQ_FILE, merge_pairs
 from moderation.reference_controls import Controls, read_controls, register_banks
 from moderation.registry import (Calibration, IndexVersion, Kind, ModelVersion, Registry,
                                  StatsVersion, new_version_id)
-from moderation.statistics import BackgroundIndex, Postprocessor, fit_postprocessor
+from moderation.statistics import BackgroundIndex, Postprocessor, fit_statistics
 from moderation.store import ObjectStore, open_store
 from moderation.suppression import rejected_pairs, split_suppressed, suppressed_csv
 from moderation.vector_cache import Namespace, VectorCache
 
 log = logging.getLogger(__name__)
-
-# Used only when no calibration exists and MODERATION_THRESHOLD is unset: a
-# conservative normalised-score cut that flags little. Calibrate instead.
-UNCALIBRATED_THRESHOLD = 0.25
 
 
 @dataclass
@@ -190,8 +188,7 @@ def refresh_stats(p: Pipeline, source: ImageSource) -> StatsVersion:
     loaded = p.load(model)
     result = p.embed(loaded, source, "background")
     check_failure_rate(result, p.settings.max_failure_rate, "background set")
-    post = fit_postprocessor(result.vectors, p.settings.postprocess, p.settings.whiten_dim)
-    bg = BackgroundIndex(post.apply(result.vectors))
+    post, bg = fit_statistics(result.vectors, p.settings.postprocess, p.settings.whiten_dim)
     stats_bytes, bg_bytes = post.to_bytes(), bg.to_bytes()
     content = sha256_hex(stats_bytes + bg_bytes)
     if current := _current_if_unchanged(p, Kind.STATS, model, content):
@@ -331,18 +328,21 @@ def pin(p: Pipeline, *, calibrating: bool = False) -> Pinned:
     return Pinned(model, stats, index, p.current_calibration(model, stats, replacing=calibrating))
 
 
-def _two_stage(p: Pipeline, pinned: Pinned, source: ImageSource, *, combiner=None, keep_all: bool = False,
-               controls: Controls | None = None):
-    """Both matching stages over ``source`` with the pinned chain (one implementation for match and calibrate).
+def search_space(p: Pipeline, pinned: Pinned, controls: Controls | None = None):
+    """What matching and calibration search with the pinned chain.
 
     With ``controls``, the references they disable are not searched; the
     ones the index build held out and that are enabled again are added back
-    to this run's copy of the index. Without (calibration), every reference
-    is searched. Returns (result, config, locations, loaded model, banks).
+    to this run's copy of the index. Without (calibration, benchmarks), every
+    reference is searched. Returns (:class:`moderation.evaluation.SearchSpace`,
+    the matching settings of ``p.settings`` as a TwoStageConfig, reference id
+    -> location, the loaded model, the reference-feature reader or None
+    without verification). Raises IntegrityError if an artifact fails its sha256.
     """
+    from moderation.evaluation import SearchSpace
     from moderation.local_features import FeatureCache
     from moderation.reference_features import ReferenceFeatures
-    from moderation.two_stage import TwoStageConfig, match_queries
+    from moderation.two_stage import TwoStageConfig
 
     loaded = p.load(pinned.model)
     post, bg = p.load_stats(pinned.stats)
@@ -361,16 +361,15 @@ def _two_stage(p: Pipeline, pinned: Pinned, source: ImageSource, *, combiner=Non
     if config.verify:
         refs = ReferenceFeatures(FeatureCache(p.store, config.features), p.index_shas(pinned.index), locations,
                                  max_pixels=p.settings.max_image_pixels, max_bytes=p.settings.max_file_bytes)
-    result = match_queries(loaded.module, source, loaded.settings_for(p.settings), config, index, post, bg,
-                           reference_features=refs.get if refs else None, combiner=combiner,
-                           cache=VectorCache(p.store, loaded.version, Namespace.QUERIES),
-                           device=resolve_device(p.settings.device.value), keep_all=keep_all,
-                           pdq_cache=pdq_cache(p.store, Namespace.QUERIES) if p.settings.pdq else None)
+    space = SearchSpace(post, bg, index, refs.get if refs else None)
+    return space, config, locations, loaded, refs
+
+
+def _warn_uncached_features(refs) -> None:
     if refs is not None and refs.computed:
         log.warning("%d references had no cached local features and were described during matching; "
                     "rebuild the index (reference_index_nightly / `moderation index build`) to precompute "
                     "them", refs.computed)
-    return result, config, locations, loaded, banks
 
 
 def _check_batch(result, limit: float, what: str) -> None:
@@ -381,49 +380,41 @@ def calibrate_labelled(p: Pipeline, source: ImageSource, ground_truth: Path, *,
                        target_precision: float = 0.9, store: bool = True) -> tuple[Calibration, dict]:
     """Evaluate the pinned chain on a labelled query set and (by default) store its calibration.
 
-    With verification on (the default), the score combiner is fitted on the
-    set's candidates and the thresholds (``target_precision``, and 0.99 where
-    the set reaches it) are chosen on the fused score; both are stored with
-    the views and verifier settings they were fitted for. Returns the
-    calibration record and the metrics (μAP, μAP with SN, RP90, recall@1,
-    thresholds). Raises ModerationError on a malformed ground truth.
+    The evaluation is :func:`moderation.evaluation.evaluate_queries` (the
+    protocol the trainer and the benchmarks use too): every query of
+    ``source`` counts, and a labelled query that fails to decode is a missed
+    positive. With verification on (the default), the score combiner is
+    fitted on the set's candidates and the thresholds (``target_precision``,
+    and 0.99 where the set reaches it) are chosen on the fused score; both
+    are stored with the views and verifier settings they were fitted for.
+    Returns the calibration record and the metrics (μAP, μAP with SN, RP90,
+    recall@1, thresholds, counts). Raises ModerationError on a malformed
+    ground truth or one without a positive among the set's queries, and
+    BatchFailedError when too many queries fail to decode.
     """
-    from moderation.calibration import calibrate_fused
+    from moderation.evaluation import evaluate_queries
 
     gt = read_ground_truth(Path(ground_truth))
     pinned = pin(p, calibrating=store)
-    result, config, _, _, _ = _two_stage(p, pinned, source, keep_all=True)
-    _check_batch(result, p.settings.max_failure_rate, "labelled queries")
-    cands = result.candidates
-    missing = [q for q in result.ids if q not in gt]
-    if missing:
-        log.warning("%d embedded queries are not in the ground truth and are ignored (e.g. %s)",
-                    len(missing), missing[:3])
-        cands = [c for c in cands if c.query_id in gt]
-    ids = set(result.ids)
-    gt_used = {q: r for q, r in gt.items() if q in ids}
-    combiner, high = {}, None
-    if config.verify:
-        fused = calibrate_fused(cands, gt_used, k=config.k, target_precision=target_precision)
-        threshold, reached, combiner, high = fused.threshold, fused.reached, fused.combiner.to_dict(), \
-            fused.high_threshold
-        metrics = dict(fused.metrics)
-    else:
-        res = calibrate([c for c in cands if c.rank <= config.k], gt_used, target_precision)
-        threshold, reached = res.threshold, res.reached
-        metrics = {**res.metrics, "threshold": res.threshold}
-    metrics.update({"target_reached": reached, "n_failed": len(result.failures)})
+    space, config, _, loaded, refs = search_space(p, pinned)
+    evaluation = evaluate_queries(loaded.module, source, gt, space, loaded.settings_for(p.settings), config,
+                                  target_precision=target_precision, cache=VectorCache(p.store, loaded.version, Namespace.QUERIES),
+                                  device=resolve_device(p.settings.device.value))
+    _warn_uncached_features(refs)
+    _check_batch(evaluation.matched, p.settings.max_failure_rate, "labelled queries")
+    fit, metrics = evaluation.fit, dict(evaluation.metrics)
     record = Calibration(version=new_version_id(), model_version=pinned.model.version,
-                         stats_version=pinned.stats.version, threshold=threshold,
-                         target_precision=target_precision, metrics=metrics, combiner=combiner,
-                         matching=config.as_dict(), high_threshold=high,
+                         stats_version=pinned.stats.version, threshold=fit.threshold,
+                         target_precision=target_precision, metrics=metrics,
+                         combiner=fit.combiner.to_dict() if fit.combiner else {},
+                         matching=config.as_dict(), high_threshold=fit.high_threshold,
                          info={"index_version": pinned.index.version,
                                "ground_truth": str(ground_truth)})
     if store:
         record = p.registry.publish(Kind.CALIBRATION, record, {})
         p.db.record_calibration(record)
         p.db.update_model_metrics(pinned.model.version, metrics, metrics.get("rp90_threshold_raw"))
-    if not reached:
+    if not fit.reached:
         log.warning("precision %.2f was never reached on this labelled set; the stored threshold "
                     "flags almost nothing. Check the model and statistics.", target_precision)
     return record, metrics
@@ -437,7 +428,7 @@ class MatchSummary:
     n_failed: int
     n_candidates: int
     n_flagged: int
-    threshold: float
+    threshold: float | None  # None: no threshold applied, nothing flagged (threshold_source says why)
     threshold_source: str
     model_version: str
     stats_version: str
@@ -466,12 +457,18 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
     same transaction. On failure the run is marked failed with
     the error and the exception propagates. Raises NotFoundError if the
     index or statistics are missing.
+
+    The threshold is chosen by :func:`moderation.thresholds.choose`; when
+    none applies the run flags nothing, records an infinite threshold and
+    says why in ``threshold_source`` (summary, ``matching.json``, log).
     """
     pinned = pin(p)
-    threshold, source_name, combiner = _threshold(p, pinned)
+    choice = flag_threshold(p, pinned)
+    threshold, source_name, combiner = choice.value, choice.source, choice.combiner
     run = MatchRunRecord(batch=batch, model_version=pinned.model.version,
                          stats_version=pinned.stats.version, index_version=pinned.index.version,
-                         threshold=threshold,
+                         # match_runs.threshold is NOT NULL; no score reaches +inf, which is what "flag nothing" means
+                         threshold=threshold if choice.flags else math.inf,
                          calibration_version=pinned.calibration.version if pinned.calibration else None)
     for rec, record_fn in ((pinned.stats, p.db.record_stats), (pinned.index, p.db.record_index)):
         record_fn(rec)
@@ -482,8 +479,7 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
     try:
         # Read once per run: a change made while the run is under way applies from the next run.
         controls = read_controls(p.db)
-        result, config, locations, loaded, banks = _two_stage(p, pinned, source, combiner=combiner,
-                                                              controls=controls)
+        result, config, locations, loaded, banks = _match(p, pinned, source, combiner, controls)
         failures = _failure_summary(result)
         run_folder = run_folder_of(batch)
         p.store.put(f"{run_folder}/failures.json", json.dumps(failures).encode(), "application/json")
@@ -495,7 +491,8 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
         query_keys = {r.image_id: r.location for r in result.refs}
         query_shas = {r.image_id: r.sha256 for r in result.refs}
         rejected = rejected_pairs(p.db, query_shas.values())
-        chosen, suppressed = split_suppressed(flagged(cands, threshold), query_shas, rejected, controls,
+        chosen, suppressed = split_suppressed(flagged(cands, threshold) if choice.flags else [], query_shas,
+                                              rejected, controls,
                                               p.settings.strict_min_inliers)
         pdq_hits, pdq_suppressed = _pdq_allowed(_pdq_matches(p, pinned, result, run_folder), cands, banks,
                                                 query_shas, controls, rejected, p.settings.strict_min_inliers)
@@ -504,7 +501,7 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
         p.store.put(f"{run_folder}/suppressed.csv", suppressed_csv(suppressed, banks).encode(), "text/csv")
         p.store.put(f"{run_folder}/matching.json", json.dumps(
             {"matching": config.as_dict(), "threshold": threshold, "threshold_source": source_name,
-             "high_threshold": pinned.calibration.high_threshold if pinned.calibration else None,
+             "high_threshold": choice.high,
              "combiner": combiner.to_dict(), "seconds": result.seconds, "n_verified": result.n_verified,
              "controls": controls.summary(), "n_removed_references": len(controls.removed(banks)),
              "suppressed": dict(Counter(s.reason.value for s in suppressed))},
@@ -532,8 +529,9 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
         except Exception as mark_exc:  # the database may be what failed: keep the original error
             log.error("could not mark batch %s as failed: %s", batch, mark_exc)
         raise
-    log.info("batch %s: %d queries, %d candidates, %d flagged at threshold %.4f (%s), %d suppressed", batch,
-             run.n_queries, run.n_candidates, len(pairs), threshold, source_name, len(suppressed))
+    log.info("batch %s: %d queries, %d candidates, %d flagged at threshold %s (%s), %d suppressed", batch,
+             run.n_queries, run.n_candidates, len(pairs), f"{threshold:.4f}" if choice.flags else "none",
+             source_name, len(suppressed))
     return MatchSummary(run_id, batch, run.n_queries, run.n_failed, run.n_candidates, len(pairs),
                         threshold, source_name, pinned.model.version, pinned.stats.version,
                         pinned.index.version, run.candidates_key, n_suppressed=len(suppressed),
@@ -602,42 +600,30 @@ def _with_evidence(p: Pipeline, loaded: LoadedModel, pairs: list[FlaggedPair], s
     return attach_evidence(p, loaded, pairs, source, run_folder, geometry=geometry)
 
 
-def _threshold(p: Pipeline, pinned: Pinned):
-    """(threshold, where it came from, score combiner) for a match run.
-
-    A calibration is used only if it was fitted for the run's matching
-    settings (verification on or off, views, local features): its
-    threshold is on the scale of the score it was fitted for.
-    """
-    from moderation.fusion import DEFAULT_RULE, Combiner
+def flag_threshold(p: Pipeline, pinned: Pinned):
+    """The :class:`moderation.thresholds.FlagThreshold` of a match run with this pipeline's settings."""
+    from moderation.thresholds import choose
     from moderation.two_stage import TwoStageConfig
 
-    wanted = TwoStageConfig.from_settings(p.settings).as_dict()
-    cal = pinned.calibration
-    usable = cal is not None and _same_matching(cal, wanted)
-    combiner = Combiner.from_dict(cal.combiner) if usable and cal.combiner else DEFAULT_RULE
-    if p.settings.threshold:
-        return p.settings.threshold, "MODERATION_THRESHOLD", combiner
-    if usable:
-        return cal.threshold, f"calibration {cal.version}", combiner
-    if cal is not None:
-        log.warning("calibration %s was fitted for other matching settings (%s) than this run's (%s): "
-                    "its threshold does not apply. Recalibrate with `moderation calibrate`.",
-                    cal.version, cal.matching or "global stage only", wanted)
-    log.warning("no usable calibration for model %s + statistics %s: using the conservative default "
-                "threshold %.2f. Run `moderation calibrate` on a labelled set.",
-                pinned.model.version, pinned.stats.version, UNCALIBRATED_THRESHOLD)
-    return UNCALIBRATED_THRESHOLD, "uncalibrated default", combiner
+    return choose(p.settings.threshold, TwoStageConfig.from_settings(p.settings).as_dict(), pinned.model,
+                  pinned.stats, pinned.calibration)
 
 
-def _same_matching(cal: Calibration, wanted: dict) -> bool:
-    have = cal.matching or {"verify": False, "views": "full"}
-    keys = ["verify", "views"]
-    if have.get("verify"):
-        keys.append("features")
-    if have.get("views") != "full":
-        keys.append("crop_penalty")
-    return all(have.get(k, 0.0 if k == "crop_penalty" else None) == wanted.get(k) for k in keys)
+def _match(p: Pipeline, pinned: Pinned, source: ImageSource, combiner, controls: Controls):
+    """Both matching stages over ``source`` with the pinned chain, honouring the operators' ``controls``.
+
+    Returns (result, config, locations, loaded model, reference id -> bank).
+    """
+    from moderation.two_stage import match_queries
+
+    space, config, locations, loaded, refs = search_space(p, pinned, controls)
+    result = match_queries(loaded.module, source, loaded.settings_for(p.settings), config, space.index,
+                           space.postprocessor, space.background, reference_features=space.reference_features,
+                           combiner=combiner, cache=VectorCache(p.store, loaded.version, Namespace.QUERIES),
+                           device=resolve_device(p.settings.device.value),
+                           pdq_cache=pdq_cache(p.store, Namespace.QUERIES) if p.settings.pdq else None)
+    _warn_uncached_features(refs)
+    return result, config, locations, loaded, p.index_banks(pinned.index, locations)
 
 
 def run_folder_of(batch: str) -> str:

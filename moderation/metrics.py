@@ -3,7 +3,11 @@
 All predictions of all queries are pooled and ranked by decreasing score;
 equal scores rank pessimistically (incorrect before correct). A prediction
 is correct when its (query, reference) pair is in the ground truth. N is
-the number of queries that have a match.
+the number of queries with a match in the ground truth passed, predicted or
+not: a positive without a prediction is a miss. Callers pass the ground
+truth of the evaluated set's queries, including those that failed to
+decode (:func:`moderation.evaluation.restrict_ground_truth`); dropping those
+would shrink N and make μAP and RP90 read high.
 """
 
 from __future__ import annotations

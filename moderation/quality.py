@@ -386,14 +386,17 @@ def check_flagged_pairs(pairs: Sequence[Any], *, threshold: float, beta: float, 
         gxe.ExpectColumnValuesToBeBetween(column="raw_score", min_value=-1.0 - m, max_value=1.0 + m),
         # The final score is a normalised score (at most 1 + |beta|), a fused probability
         # (at most 1), or a normalised score plus the default rule's verification bonus.
-        gxe.ExpectColumnValuesToBeBetween(column="score", min_value=float(threshold) - m,
+        # An infinite threshold is a run that flagged nothing (no threshold applied): no lower bound.
+        gxe.ExpectColumnValuesToBeBetween(column="score",
+                                          min_value=float(threshold) - m if math.isfinite(threshold) else None,
                                           max_value=1.0 + abs(float(beta)) + RULE_MAX_BONUS + m),
         gxe.ExpectColumnValuesToBeBetween(column="rank", min_value=1, max_value=int(topk)),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["query_id", "reference_id"]),
     ]
     if bound.applies:
         exps.append(gxe.ExpectTableRowCountToBeBetween(min_value=0, max_value=bound.max_count))
-    info = {"what": what, "flagged": int(len(frame)), "threshold": float(threshold),
+    info = {"what": what, "flagged": int(len(frame)),
+            "threshold": float(threshold) if math.isfinite(threshold) else None,
             "trailing_mean": bound.trailing_mean, "max_count": bound.max_count,
             "history": list(bound.history), "spike_checked": bound.applies}
     result = run_suite(what, frame, exps, info)

@@ -55,7 +55,7 @@ import numpy as np
 from moderation.db import FlaggedPair, MatchRunRecord, MatchRunRow
 from moderation.errors import BadImageError, NotFoundError
 from moderation.index import ReferenceIndex, build_index
-from moderation.jobs import Pinned, Pipeline, _threshold, pin, run_folder_of
+from moderation.jobs import Pinned, Pipeline, flag_threshold, pin, run_folder_of
 from moderation.layout import QUERIES_PREFIX
 from moderation.matching import Candidate, MatchParams, flagged, search, verification_csv
 from moderation.registry import IndexVersion, Kind
@@ -141,10 +141,14 @@ def retro_match(p: Pipeline, *, days: int | None = None, today: date | None = No
     """
     t0 = time.perf_counter()
     pinned = pin(p)
-    threshold, _, combiner = _threshold(p, pinned)
+    choice = flag_threshold(p, pinned)
+    threshold, combiner = choice.value, choice.combiner
     days = p.settings.retro_window_days if days is None else days
     result = RetroResult(pinned.model.version, pinned.index.version, days, threshold)
     if days <= 0:
+        return result
+    if not choice.flags:  # as the daily run: with no threshold in force nothing is flagged
+        log.warning("retroactive matching flags nothing: %s", choice.source)
         return result
     runs = batches_in_window(p.db.complete_batches(), days, today or datetime.now(timezone.utc).date())
     if not runs:

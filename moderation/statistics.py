@@ -133,6 +133,18 @@ class BackgroundIndex:
         return cls(np.load(io.BytesIO(data), allow_pickle=False))
 
 
+def fit_statistics(background: np.ndarray, kind: Postprocess, out_dim: int = 0
+                   ) -> tuple[Postprocessor, BackgroundIndex]:
+    """The post-processing fitted on raw background descriptors (n, d) and the SN set it produces.
+
+    The one fitting step of the statistics job and of the evaluation
+    protocol: both are given *background* descriptors only (never
+    references). Raises ModerationError on too few images.
+    """
+    post = fit_postprocessor(background, kind, out_dim)
+    return post, BackgroundIndex(post.apply(background))
+
+
 def normalise_scores(scores: np.ndarray, bg_scores: np.ndarray, beta: float = 1.0,
                      n_start: int = 1, n_end: int = 3) -> np.ndarray:
     """SSCD score normalisation: ``s - beta * mean(bg_scores[:, n_start-1:n_end])`` per query row.

@@ -227,6 +227,9 @@ def configure_airflow(home: Path, *, tag: str = "test", in_process: bool = True)
         "MODERATION_DEVICE": "cpu",
         "MODERATION_PROGRESS": "false",
         "MODERATION_EVIDENCE": "false",
+        # No labelled calibration set here, and an uncalibrated run flags nothing (moderation.thresholds):
+        # the operator's explicit threshold, the fixed value these runs always flagged at.
+        "MODERATION_THRESHOLD": "0.25",
         # settings for direct library use in assertions (the DAGs read the connections)
         "MODERATION_DATABASE_URL": review_url,
         "MODERATION_STORE_URL": f"s3://{BUCKET}",

@@ -129,10 +129,19 @@ def _decide_all(db, rule, moderator="mod"):
 
 
 def test_calibrate_from_decisions_proposes_then_stores(pipeline):
-    from moderation.jobs import _threshold, pin
-    from moderation.registry import Kind
+    from moderation.jobs import flag_threshold, pin
+    from moderation.registry import Calibration, Kind, new_version_id
+    from moderation.two_stage import TwoStageConfig
 
     p, pinned = pipeline
+    # Decisions move a threshold, they do not set the first one: none in force, nothing proposed.
+    none_yet = feedback.calibrate_from_decisions(p)
+    assert none_yet["action"] == "refuse" and none_yet["current_threshold"] is None
+    assert none_yet["threshold_source"].startswith("no threshold") and "moderation calibrate" in none_yet["reason"]
+    first = p.registry.publish(Kind.CALIBRATION, Calibration(
+        new_version_id(), pinned.model.version, pinned.stats.version, 0.25, 0.9,
+        matching=TwoStageConfig.from_settings(p.settings).as_dict()), {})
+    pinned = pin(p)
     versions = dict(model=pinned.model.version, stats=pinned.stats.version, index=pinned.index.version)
     rng = random.Random(11)
     pairs = [(f"q{i}", f"r{i}", round(rng.uniform(0.25, 1.0), 4)) for i in range(400)]
@@ -146,17 +155,17 @@ def test_calibrate_from_decisions_proposes_then_stores(pipeline):
     proposal = feedback.calibrate_from_decisions(p)
     assert proposal["action"] == "raise" and not proposal["stored"]
     assert proposal["n_decisions"] == 400  # the other model's 50 decisions are not in it
-    assert proposal["current_threshold"] == 0.25 and proposal["threshold_source"] == "uncalibrated default"
+    assert proposal["current_threshold"] == 0.25 and proposal["threshold_source"] == f"calibration {first.version}"
     new = proposal["proposed_threshold"]
     assert new > 0.25 and proposal["at_proposed"]["precision"] >= 0.9
-    assert p.current_calibration(pinned.model, pinned.stats) is None  # proposing stores nothing
+    assert p.current_calibration(pinned.model, pinned.stats).version == first.version  # proposing stores nothing
 
     stored = feedback.calibrate_from_decisions(p, store=True)
     assert stored["stored"] and stored["proposed_threshold"] == new
     cal = p.registry.current(Kind.CALIBRATION, model_version=pinned.model.version,
                              stats_version=pinned.stats.version)
     assert (cal.version, cal.threshold, cal.source) == (stored["calibration_version"], new, "decisions")
-    assert _threshold(p, pin(p))[0] == new  # the next matching run uses it
+    assert flag_threshold(p, pin(p)).value == new  # the next matching run uses it
     with p.db.engine.connect() as conn:
         from sqlalchemy import text
 

@@ -125,6 +125,14 @@ def test_train_and_publish_registers_a_model_version(train_folder, tmp_path):
     for key in ("uap", "uap_sn", "rp90", "recall_at_1", "rp90_threshold_raw"):
         assert key in rec.metrics
     assert rec.threshold == rec.metrics["rp90_threshold_raw"]
+    # Its validation's 90 % point on the global stage's normalised score ships with it (moderation.thresholds).
+    shipped = rec.info["calibrations"]
+    if rec.metrics["rp90_threshold_sn"] is None:
+        assert shipped == []
+    else:
+        assert shipped[0]["threshold"] == rec.metrics["rp90_threshold_sn"]
+        assert (shipped[0]["matching"]["verify"], shipped[0]["matching"]["views"]) == (False, "full")
+        assert shipped[0]["postprocess"] == "whiten" and str(val) in shipped[0]["fitted_on"]
     assert rec.info["training_command"] == "moderation train ..."
     assert rec.info["config"]["dim"] == 32 and rec.info["incumbent"]["model"]
     png = registry.load(Kind.MODEL, rec, "pr_curve.png")

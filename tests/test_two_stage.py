@@ -89,29 +89,25 @@ def test_two_stage_settings_are_validated(tmp_path):
 
 
 def test_a_calibration_for_other_matching_settings_is_not_used(tmp_path, caplog):
-    from moderation.jobs import Pinned, _threshold
-    from moderation.registry import Calibration
+    from moderation.registry import Calibration, ModelVersion, StatsVersion
+    from moderation.thresholds import choose
     from moderation.two_stage import TwoStageConfig
 
     settings = Settings.from_env({"MODERATION_HOME": str(tmp_path)})
-
-    class P:  # only what _threshold reads
-        pass
-
-    p = P()
-    p.settings = settings
+    model = ModelVersion("m", "mobilenet_v2", 8, 64, "square", "torchscript-import")
+    stats = StatsVersion("s", "m", "whiten", 8, 8, 10)
     wanted = TwoStageConfig.from_settings(settings).as_dict()
     good = Calibration("c1", "m", "s", 0.3, 0.9, combiner={"kind": "rule"}, matching=wanted)
     old = Calibration("c0", "m", "s", 0.4, 0.9)  # a global-stage calibration from before verification
-    from types import SimpleNamespace as NS
-
-    pin = lambda cal: Pinned(NS(version="m"), NS(version="s"), None, cal)  # noqa: E731
-    assert _threshold(p, pin(good))[:2] == (0.3, "calibration c1")
+    chosen = choose(0.0, wanted, model, stats, good)
+    assert (chosen.value, chosen.source) == (0.3, "calibration c1")
     with caplog.at_level(logging.WARNING):
-        thr, source, combiner = _threshold(p, pin(old))
-    assert source == "uncalibrated default" and "other matching settings" in caplog.text
-    p.settings = settings.with_overrides(verify=False, views="full")
-    assert _threshold(p, pin(old))[:2] == (0.4, "calibration c0")
+        chosen = choose(0.0, wanted, model, stats, old)
+    assert chosen.value is None and chosen.source.startswith("no threshold")
+    assert "other matching settings" in caplog.text and "NOTHING IS FLAGGED" in caplog.text
+    global_only = TwoStageConfig.from_settings(settings.with_overrides(verify=False, views="full")).as_dict()
+    chosen = choose(0.0, global_only, model, stats, old)
+    assert (chosen.value, chosen.source) == (0.4, "calibration c0")
 
 
 def test_candidates_csv_quotes_a_carriage_return_in_an_id():

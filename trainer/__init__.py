@@ -13,7 +13,7 @@ Modules, one concept each:
 - ``optim``       LARS, warm-up + cosine schedule.
 - ``checkpoint``  atomic save / resume.
 - ``loop``        the training loop.
-- ``evaluate``    μAP / μAP-SN / RP90 / recall@1 on a labelled validation set.
+- (evaluation: ``moderation.evaluation``, the protocol the pipeline and the benchmarks share.)
 - ``publish``     TorchScript export, PR curve, registry publication and promotion.
 - ``cli``         argparse options shared by ``moderation train`` and ``python -m trainer``.
 """

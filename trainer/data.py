@@ -11,6 +11,12 @@ mixup / cutmix run in the workers too, in ``MultiViewCollate``. A batch
 carries, per view, the indices of the pool images whose content it holds
 (one, or two for a mixed view, ``-1`` padding): views sharing an index are
 positives for the loss.
+
+Training never reads an evaluation image: :func:`validation_hashes` lists
+the sha256 of a validation set's references and queries, and a pool given
+them refuses, before training, any local file with one of those contents or
+lying in those folders, and refuses any other image with one of them as it
+is read (object-store keys are not read ahead of training).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from moderation.errors import ModerationError
-from moderation.images import IMAGE_SUFFIXES, decode_image, list_image_files, to_tensor
+from moderation.images import IMAGE_SUFFIXES, decode_image, list_image_files, sha256_hex, to_tensor
 from trainer.augment import Augmenter, Context
 from trainer.synthetic import synthetic_image
 
@@ -39,10 +45,30 @@ class PoolItem:
     location: str  # path, object key, or the generated image's number
 
 
-class ImagePool:
-    """The unlabeled training images. Picklable: workers open their own store client."""
+EVALUATION_FOLDERS = ("references", "queries")
 
-    def __init__(self, items: Sequence[PoolItem], settings=None, seed: int = 0, max_side: int = 384):
+
+def validation_hashes(val_dir: str | Path) -> dict[str, str]:
+    """sha256 -> path of every image of a validation set's references and queries (training must not read them)."""
+    out: dict[str, str] = {}
+    for sub in EVALUATION_FOLDERS:
+        folder = Path(val_dir) / sub
+        if folder.is_dir():
+            for path in list_image_files(folder):
+                out.setdefault(sha256_hex(path.read_bytes()), str(path))
+    return out
+
+
+class ImagePool:
+    """The unlabeled training images. Picklable: workers open their own store client.
+
+    ``excluded`` maps the sha256 of images training must never read (a
+    validation set's references and queries) to where they are; reading one
+    raises ModerationError.
+    """
+
+    def __init__(self, items: Sequence[PoolItem], settings=None, seed: int = 0, max_side: int = 384,
+                 excluded: dict[str, str] | None = None):
         if not items:
             raise ModerationError("no training images: give --images FOLDER, --images-prefix PREFIX "
                                   "or --generated N")
@@ -50,15 +76,25 @@ class ImagePool:
         self.settings = settings
         self.seed = seed
         self.max_side = max_side
+        self.excluded = dict(excluded or {})
         self._store = None
 
     @classmethod
     def build(cls, folders: Sequence[str] = (), prefixes: Sequence[str] = (), generated: int = 0,
-              settings=None, seed: int = 0, max_side: int = 384) -> ImagePool:
-        """Collect files under ``folders``, keys under ``prefixes`` and ``generated`` synthetic images."""
+              settings=None, seed: int = 0, max_side: int = 384,
+              excluded: dict[str, str] | None = None) -> ImagePool:
+        """Collect files under ``folders``, keys under ``prefixes`` and ``generated`` synthetic images.
+
+        With ``excluded`` (:func:`validation_hashes`), raises ModerationError
+        if a folder is, holds or lies in a folder of an excluded image, or a
+        file has an excluded content.
+        """
         items: list[PoolItem] = []
         for folder in folders:
-            items += [PoolItem("file", str(p)) for p in list_image_files(Path(folder))]
+            files = list_image_files(Path(folder))
+            if excluded:
+                _refuse_evaluation_images(Path(folder), files, excluded)
+            items += [PoolItem("file", str(p)) for p in files]
         if prefixes:
             if settings is None:
                 raise ModerationError("object-store training prefixes need settings")
@@ -69,7 +105,7 @@ class ImagePool:
                 items += [PoolItem("store", k) for k in store.list(prefix)
                           if k.lower().endswith(IMAGE_SUFFIXES)]
         items += [PoolItem("generated", str(i)) for i in range(generated)]
-        return cls(items, settings, seed, max_side)
+        return cls(items, settings, seed, max_side, excluded)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -91,13 +127,27 @@ class ImagePool:
             img = synthetic_image(int(item.location), self.seed, self.max_side)
         else:
             try:
-                img = decode_image(self._read(item))
+                data = self._read(item)
             except Exception:
+                data = None
+            if data is not None and self.excluded:
+                self._check_not_excluded(item.location, data)
+            try:
+                img = decode_image(data) if data is not None else None
+            except Exception:
+                img = None
+            if img is None:
                 img = synthetic_image(10_000_000 + index, self.seed, self.max_side)
         if max(img.size) > self.max_side:
             img = img.copy()
             img.thumbnail((self.max_side, self.max_side), Image.BILINEAR)
         return img
+
+    def _check_not_excluded(self, location: str, data: bytes) -> None:
+        found = self.excluded.get(sha256_hex(data))
+        if found is not None:
+            raise ModerationError(f"training image {location} is the evaluation image {found}: training "
+                                  "must never read the validation set's references or queries")
 
     def _read(self, item: PoolItem) -> bytes:
         if item.kind == "file":
@@ -112,6 +162,20 @@ class ImagePool:
         state = dict(self.__dict__)
         state["_store"] = None  # each worker opens its own connection
         return state
+
+
+def _refuse_evaluation_images(folder: Path, files: Sequence[Path], excluded: dict[str, str]) -> None:
+    root = folder.resolve()
+    for where in {str(Path(p).resolve().parent) for p in excluded.values()}:
+        inside = Path(where)
+        if root == inside or root in inside.parents or inside in root.parents:
+            raise ModerationError(f"training folder {folder} overlaps the evaluation folder {where}: training "
+                                  "must never read the validation set's references or queries")
+    for path in files:
+        found = excluded.get(sha256_hex(path.read_bytes()))
+        if found is not None:
+            raise ModerationError(f"training image {path} is the evaluation image {found}: training must "
+                                  "never read the validation set's references or queries")
 
 
 def view_rng(seed: int, key: int, view: int) -> random.Random:

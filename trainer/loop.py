@@ -30,7 +30,8 @@ from trainer import distributed as D
 from trainer.augment import Augmenter
 from trainer.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.data import ImagePool, MultiViewCollate, StepBatchSampler, TrainDataset, worker_init
+from trainer.data import (ImagePool, MultiViewCollate, StepBatchSampler, TrainDataset, validation_hashes,
+                          worker_init)
 from trainer.loss import SSCDLoss
 from trainer.model import (build_training_model, finalise_head, frozen_blocks_for, init_projection,
                            param_groups, pooled_features, resolve_backbone, set_train_mode)
@@ -56,8 +57,9 @@ class TrainResult:
 
 def build_data(config: TrainConfig, settings, env: D.DistEnv, start_step: int):
     """The pool, the dataset and this process's DataLoader from ``start_step`` on."""
+    excluded = validation_hashes(config.val_dir) if config.val_dir else None
     pool = ImagePool.build(config.images, config.images_prefix, config.generated, settings,
-                           config.seed, config.max_side)
+                           config.seed, config.max_side, excluded)
     symmetric = config.anchor_preset in ("", "same")
     anchor = None if symmetric else Augmenter(config.anchor_preset, config.crop_size)
     dataset = TrainDataset(pool, Augmenter(config.preset, config.crop_size), config.views, config.seed,

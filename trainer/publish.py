@@ -5,8 +5,10 @@ and the Airflow DAG call. After training (every rank), rank 0:
 
 1. exports the model to TorchScript and reloads it: the reloaded file is
    what gets evaluated, so the figures describe the bytes that ship;
-2. evaluates it on the validation set (μAP, μAP-SN, RP90, recall@1, the 90 %
-   precision thresholds) and draws the precision-recall curve;
+2. evaluates it on the validation set with the project's one evaluation
+   protocol (:func:`moderation.evaluation.evaluate_labelled_set`: statistics
+   fitted on the background, never the references; μAP, μAP-SN, RP90,
+   recall@1, the 90 % precision thresholds) and draws the precision-recall curve;
 3. evaluates the model in force on the same set, with its own image size;
 4. publishes a new model version (``model.pt``, ``train_log.jsonl``,
    ``pr_curve.png``) whose manifest holds the metrics, the threshold, the
@@ -17,7 +19,10 @@ and the Airflow DAG call. After training (every rank), rank 0:
 
 ``ModelVersion.threshold`` is the raw-cosine 90 %-precision point: cosine
 similarity after whitening on background, before score normalisation;
-``metrics["rp90_threshold_sn"]`` is the same point on SN scores.
+``metrics["rp90_threshold_sn"]`` is the same point on SN scores, and
+``info["calibrations"]`` records it as the calibration that comes with the
+model (global stage, whole query): what a match run with those settings
+flags at before the deployment has calibrated (:mod:`moderation.thresholds`).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from moderation.images import sha256_hex
 from moderation.registry import Kind, ModelVersion, Registry, new_version_id
 from trainer import distributed as D
 from trainer.config import TrainConfig
-from trainer.evaluate import EvalResult, ValidationSet, evaluate_detailed
+from moderation.evaluation import Evaluation, ValidationSet, evaluate_labelled_set, global_stage
 from trainer.loop import LOG_NAME, TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -56,7 +61,7 @@ class PublishResult:
     export_path: str = ""
 
 
-def pr_curve_png(result: EvalResult, title: str = "precision-recall") -> bytes:
+def pr_curve_png(result: Evaluation, title: str = "precision-recall") -> bytes:
     """PNG of the pooled precision-recall curves, raw cosine and score-normalised."""
     import matplotlib
 
@@ -170,21 +175,24 @@ def train_and_publish(config: TrainConfig, settings: Settings, *, registry: Regi
     resize_mode = ResizeMode(config.eval_resize_mode or (found[3] if found else settings.resize_mode)).value
     metrics: dict[str, Any] = {}
     incumbent: dict[str, Any] = {}
+    calibrations: list[dict[str, Any]] = []
     png = b""
     if config.val_dir:
         vs = ValidationSet.from_dir(config.val_dir)
-        evaluation = evaluate_detailed(scripted, vs, settings, image_size=image_size,
-                                       resize_mode=resize_mode, device=env.device)
+        evaluation = evaluate_labelled_set(scripted, vs, settings, image_size=image_size,
+                                           resize_mode=resize_mode, device=env.device)
         metrics = dict(evaluation.metrics, validation_set=str(config.val_dir))
         png = pr_curve_png(evaluation, f"{result.config.backbone} {config.dim}-d, {config.val_dir}")
         incumbent = _evaluate_incumbent(found, settings, vs, env.device)
+        if evaluation.fit.reached:  # a threshold that never reached 90 % precision is no calibration
+            calibrations = [model_calibration(evaluation, settings, f"validation set {config.val_dir}")]
     beats = beats_incumbent(metrics, incumbent)
     promote = config.force_promote or beats
     record = ModelVersion(
         version=new_version_id(sha256_hex(model_bytes)),
         backbone=config.backbone, dim=result.model.dim, image_size=image_size, resize_mode=resize_mode,
         source="trained", metrics=metrics, threshold=metrics.get("rp90_threshold_raw"),
-        info=_info(config, result, incumbent, promote, beats))
+        info=dict(_info(config, result, incumbent, promote, beats), calibrations=calibrations))
     files = {"model.pt": model_bytes, "train_log.jsonl": _log_bytes(config)}
     if png:
         files["pr_curve.png"] = png
@@ -206,11 +214,27 @@ def _evaluate_incumbent(found, settings: Settings, vs: ValidationSet, device) ->
         return {}
     name, module, size, mode = found
     try:
-        return dict(evaluate_detailed(module, vs, settings, image_size=size, resize_mode=mode,
-                                      device=device).metrics, model=name)
+        return dict(evaluate_labelled_set(module, vs, settings, image_size=size, resize_mode=mode,
+                                          device=device).metrics, model=name)
     except Exception as exc:  # a broken incumbent must not lose the new model
         log.warning("could not evaluate the model in force (%s): %s", name, exc)
         return {"model": name, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def model_calibration(evaluation: Evaluation, settings: Settings, fitted_on: str) -> dict[str, Any]:
+    """A manifest ``calibrations`` entry (see :mod:`moderation.thresholds`) from a global-stage evaluation.
+
+    Its threshold is the evaluation's 90 %-precision point on the normalised
+    score of the whole query, valid for match runs without views or
+    verification under the same post-processing.
+    """
+    fit = evaluation.fit
+    m = evaluation.metrics
+    return {"matching": global_stage(settings).as_dict(), "postprocess": settings.postprocess.value,
+            "threshold": fit.threshold, "high_threshold": fit.high_threshold, "combiner": {},
+            "target_reached": fit.reached, "fitted_on": fitted_on,
+            "metrics": {k: m.get(k) for k in ("uap_sn", "rp90_sn", "recall_at_1", "n_queries", "n_positives",
+                                              "n_flagged", "flagged_precision")}}
 
 
 def write_export(path: Path, record: ModelVersion, files: dict[str, bytes]) -> str:
