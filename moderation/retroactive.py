@@ -87,7 +87,7 @@ class RetroResult:
     model_version: str
     index_version: str
     window_days: int
-    threshold: float
+    threshold: float | None
     references_searched: int = 0  # distinct new references put in a small index, over all batches
     batches: list[BatchOutcome] = field(default_factory=list)
     seconds: float = 0.0
