@@ -125,7 +125,8 @@ def choose(threshold_override: float, wanted: dict[str, Any], model: ModelVersio
                              shipped.get("high_threshold"))
     reason = (f"{NO_THRESHOLD}: no calibration of model {model.version} + statistics {stats.version} "
               f"for these matching settings, and none ships with the model")
-    log.warning("%s: NOTHING IS FLAGGED in this run (the candidates are kept). Run `moderation calibrate "
+    log.warning("%s: NOTHING IS FLAGGED by the descriptor in this run (the candidates are kept; PDQ matches, "
+                "which have a fixed bar of their own, still are). Run `moderation calibrate "
                 "--images LABELLED_DIR --ground-truth gt.csv`, or set MODERATION_THRESHOLD, then rerun the batch.",
                 reason)
     return FlagThreshold(None, reason, combiner)

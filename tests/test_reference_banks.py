@@ -140,8 +140,9 @@ def test_disabled_reference_and_bank_stop_matching_at_the_next_run_and_come_back
     from moderation.jobs import build_reference_index, run_folder_of
     from moderation.registry import Kind
 
+    # A fixed threshold: this test is about which references are searched, not about calibration.
     with s3_pipeline(tmp_path / "home", s3_server, s3_bucket, MODERATION_EVIDENCE="false",
-                     MODERATION_VERIFY_WORKERS="0") as (p, _, samples):
+                     MODERATION_VERIFY_WORKERS="0", MODERATION_THRESHOLD="0.25") as (p, _, samples):
         # references/R00007 in bank "partner" (its folder), R00003 in "policy-x" (the manifest), the rest default.
         for f in sorted(samples.references.iterdir()):
             folder = {"R00007": "partner/", "R00003": "special/"}.get(f.stem, "")

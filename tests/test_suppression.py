@@ -30,8 +30,9 @@ def _suppressed(p, batch: str) -> dict[tuple[str, str], str]:
 
 def test_a_rejected_pair_is_not_flagged_again_and_policies_apply(tmp_path):
     with fresh_pg_database() as url:
+        # A fixed threshold: this test is about suppression, not about calibration.
         env, samples = local_pipeline(tmp_path / "home", url, MODERATION_EVIDENCE="false",
-                                      MODERATION_VERIFY_WORKERS="0")
+                                      MODERATION_VERIFY_WORKERS="0", MODERATION_THRESHOLD="0.25")
         day1, day2 = tmp_path / "day1", tmp_path / "day2"
         day1.mkdir(), day2.mkdir()
         for q in QUERIES:

@@ -91,7 +91,8 @@ def test_an_uncalibrated_two_stage_run_flags_nothing_and_records_why(tmp_path, c
     from moderation.jobs import Pipeline, run_matching
 
     with fresh_pg_database() as url:
-        env, samples = local_pipeline(tmp_path / "home", url)
+        # The descriptor's threshold alone: PDQ has a fixed bar of its own and may still flag (test_pdq_e2e).
+        env, samples = local_pipeline(tmp_path / "home", url, MODERATION_PDQ="false")
         settings = settings_from(env)
         p = Pipeline.open(settings)
         try:
@@ -121,7 +122,7 @@ def test_an_uncalibrated_global_stage_run_flags_at_the_shipped_threshold(tmp_pat
 
     with fresh_pg_database() as url:
         env, samples = local_pipeline(tmp_path / "home", url, MODERATION_VERIFY="false", MODERATION_VIEWS="full",
-                                      MODERATION_POSTPROCESS="whiten")
+                                      MODERATION_POSTPROCESS="whiten", MODERATION_PDQ="false")
         p = Pipeline.open(settings_from(env))
         try:
             refresh_stats(p, FolderSource(samples.background))  # whitening, as the shipped threshold was fitted
