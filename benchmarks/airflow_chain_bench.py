@@ -43,7 +43,7 @@ import airflow_harness as h  # noqa: E402
 from airflow_scheduler import CHAIN, EXECUTORS, Airflow, run_chain  # noqa: E402
 
 # The library's defaults, not the tests' small-image settings, when measuring on bench-dev.
-TEST_ONLY = ("MODERATION_IMAGE_SIZE", "MODERATION_BATCH_SIZE", "MODERATION_EVIDENCE")
+TEST_ONLY = ("MODERATION_IMAGE_SIZE", "MODERATION_BATCH_SIZE", "MODERATION_EVIDENCE", "MODERATION_THRESHOLD")
 
 
 def bench_dev_objects(root: Path, days: list[str], calibration: bool) -> dict[str, bytes]:
