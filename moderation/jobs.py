@@ -57,6 +57,8 @@ class Pipeline:
     store: ObjectStore
     db: Database
     registry: Registry = field(init=False)
+    # Index versions are immutable: their bank maps are read once per pipeline (large at scale).
+    _banks: dict[str, dict[str, str]] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.registry = Registry(self.store)
@@ -112,7 +114,9 @@ class Pipeline:
         """Reference id -> bank of an index version (all ``default`` for an index built before banks)."""
         if "banks.json" not in version.files:
             return {rid: DEFAULT_BANK for rid in locations}
-        return json.loads(self.registry.load(Kind.INDEX, version, "banks.json"))
+        if version.version not in self._banks:
+            self._banks[version.version] = json.loads(self.registry.load(Kind.INDEX, version, "banks.json"))
+        return self._banks[version.version]
 
     def index_held_out(self, version: IndexVersion) -> tuple[np.ndarray, list[str]]:
         """(vectors, ids) of references the build left out of the index because they were disabled."""
