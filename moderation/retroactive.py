@@ -40,8 +40,9 @@ is new. Differences from the daily run, by design: only the whole-image view
 is searched (the other views are not cached), ranks are among the new
 references, no evidence images are rendered, and PDQ is not searched (a new
 reference's PDQ matches come from the daily runs after it is indexed). A
-reference that was disabled when its night's pass ran is not searched in the
-past batches later if it is enabled again (as a daily run is not rerun).
+reference disabled during a night's pass and enabled later is searched in the
+past batches only where that pass wrote nothing (the baseline moves with the
+retroactive run), as daily runs are not rerun either.
 
 A batch is skipped, with its reason in the result, when its query list is
 missing (matched before this existed) or some of its query vectors are not

@@ -5,6 +5,8 @@ The tests make their own images (tests/local_images.py) and never read ../shared
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -190,7 +192,7 @@ def test_hma_curation_api_json():
 # (local_file), cli/match_cmd.py (--hashes) with PdqSignal.validate_signal_str, pdq/cpp/io/hashio.cpp,
 # and HMA's POST /c/bank/NAME/signal (blueprints/curation.py: `note` at most 255 characters, every
 # other key a signal type name whose value PdqSignal validates).
-_TE_PDQ = __import__("re").compile(r"^[0-9a-f]{64}$")
+_TE_PDQ = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _local_file_reader(text):
