@@ -244,7 +244,7 @@ def cmd_pdq_export(args, settings):
 
         _, entries = hash_banks.load_bank(open_store(settings), args.bank)
     fmt = hash_banks.BankFormat(args.format)
-    Path(args.file).write_text(hash_banks.format_bank(entries, fmt))
+    Path(args.file).write_text(hash_banks.format_bank(entries, fmt, bank=args.bank))
     _print({"bank": args.bank, "file": args.file, "format": fmt.value, "count": len(entries)})
 
 
@@ -449,16 +449,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     pdq = sub.add_parser("pdq", help="PDQ hash banks (ThreatExchange / HMA hash lists)").add_subparsers(
         dest="sub", required=True)
-    formats = ["auto", "te", "hashid", "csv"]
     p = pdq.add_parser("import", help="import a PDQ hash list as a bank (a new version; matched in every run)")
-    p.add_argument("file", help="te: one hex hash a line; hashid: 'hash,id' lines; csv: with a header row")
+    p.add_argument("file", help="tx: 'pdq HASH' lines (threatexchange CLI) or bare hashes; pdq: 'HASH,QUALITY,NAME' "
+                                "(pdq-photo-hasher); csv: `threatexchange dataset -P --csv` or a header naming the "
+                                "hash column; hma: HMA bank API JSON, one object a line")
     p.add_argument("--bank", required=True, help="bank name (letters, digits, _ . -)")
-    p.add_argument("--format", choices=formats, default="auto")
+    p.add_argument("--format", choices=["auto", "tx", "hashes", "pdq", "csv", "hma"], default="auto",
+                   help="default: decided from the first line")
     p.set_defaults(func=cmd_pdq_import)
     p = pdq.add_parser("export", help="write a bank (or, with --bank references, the indexed references' hashes)")
     p.add_argument("--bank", required=True)
     p.add_argument("file")
-    p.add_argument("--format", choices=formats[1:], default="csv")
+    p.add_argument("--format", choices=["tx", "hashes", "pdq", "csv", "hma"], default="csv",
+                   help="tx: for a threatexchange local_file collaboration; hashes: for `threatexchange match "
+                        "--hashes`; pdq: for the PDQ reference tools; hma: POST bodies for HMA's "
+                        "/c/bank/NAME/signal")
     p.set_defaults(func=cmd_pdq_export)
     pdq.add_parser("list", help="the banks in force").set_defaults(func=cmd_pdq_list)
 

@@ -515,7 +515,7 @@ def run_matching(p: Pipeline, source: ImageSource, batch: str, *,
         # What retroactive matching reads to find this batch's cached vectors without reading its images.
         p.store.put(f"{run_folder}/queries.json", queries_json(pinned.model.version, result.refs),
                     "application/json")
-        pairs = [replace(fp, bank=_bank_of(fp.reference_id, banks),
+        pairs = [replace(fp, bank=bank_of(fp.reference_id, banks),
                          query_sha256=query_shas.get(fp.query_id) or None)
                  for fp in merge_pairs(chosen, cands, pdq_hits, query_keys, locations)]
         if p.settings.evidence and pairs:
@@ -582,8 +582,9 @@ def _pdq_allowed(hits: list, cands: list[Candidate], banks: Mapping[str, str], q
     return kept, dropped
 
 
-def _bank_of(reference_id: str, banks: Mapping[str, str]) -> str:
-    """The bank a flagged reference belongs to; an imported hash bank's entries are named by it."""
+def bank_of(reference_id: str, banks: Mapping[str, str]) -> str:
+    """The bank a flagged reference belongs to (daily and retroactive pairs); an imported hash bank's entries
+    are named by it; a reference missing from ``banks`` is in ``default``."""
     if reference_id in banks:
         return banks[reference_id]
     if reference_id.startswith("hashbank:"):

@@ -368,8 +368,11 @@ def check_flagged_pairs(pairs: Sequence[Any], *, threshold: float, beta: float, 
     """Score ranges, rank, uniqueness, and the count against the trailing average.
 
     ``pairs`` are objects or mappings with ``query_id, reference_id,
-    raw_score, score, rank`` (e.g. ``FlaggedPairRow``). ``history`` is the
-    flagged counts of earlier complete runs, oldest first.
+    raw_score, score, rank`` and optionally ``match_source, pdq_distance``
+    (e.g. ``FlaggedPairRow``). A pair flagged by PDQ alone (``match_source``
+    ``pdq``) is held to a hash distance of 0-256 bits instead of the
+    descriptor's threshold and rank. ``history`` is the flagged counts of
+    earlier complete runs, oldest first.
     """
     import great_expectations.expectations as gxe
     import pandas as pd
@@ -378,8 +381,20 @@ def check_flagged_pairs(pairs: Sequence[Any], *, threshold: float, beta: float, 
 
     limits = limits or QualityLimits.from_env()
     cols = ("query_id", "reference_id", "raw_score", "score", "rank")
-    rows = [{c: (p[c] if isinstance(p, Mapping) else getattr(p, c)) for c in cols} for p in pairs]
-    frame = pd.DataFrame(rows, columns=list(cols))
+
+    def get(p, name, default=None):
+        return p.get(name, default) if isinstance(p, Mapping) else getattr(p, name, default)
+
+    rows = []
+    for p in pairs:
+        row = {c: get(p, c) for c in cols}
+        row["pdq_distance"] = get(p, "pdq_distance")
+        if get(p, "match_source", "sscd") == "pdq":
+            # Flagged by PDQ alone: the descriptor's score and rank (0 when it did not rank the
+            # reference at all) are below its threshold by definition; its hash distance is checked instead.
+            row["score"] = row["rank"] = None
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=[*cols, "pdq_distance"])
     m = limits.score_margin
     bound = spike_bound(history, limits)
     exps = [
@@ -391,6 +406,7 @@ def check_flagged_pairs(pairs: Sequence[Any], *, threshold: float, beta: float, 
                                           min_value=float(threshold) - m if math.isfinite(threshold) else None,
                                           max_value=1.0 + abs(float(beta)) + RULE_MAX_BONUS + m),
         gxe.ExpectColumnValuesToBeBetween(column="rank", min_value=1, max_value=int(topk)),
+        gxe.ExpectColumnValuesToBeBetween(column="pdq_distance", min_value=0, max_value=256),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["query_id", "reference_id"]),
     ]
     if bound.applies:

@@ -24,14 +24,25 @@ been searched against yet, and only those:
   candidate whose global score could not reach the threshold even with perfect
   verification is dropped before any image is read: cost follows the number
   of plausible copies, not the window;
+- the operators' controls apply as in the daily run (:func:`moderation.jobs.run_matching`), read
+  once per pass: a new reference that is disabled, or in a disabled bank, is
+  not searched; pairs above the threshold that the allow-list suppresses (a
+  standing rejection of the same query content and reference, a ``suppress``
+  or ``strict`` policy; :mod:`moderation.suppression`) are not flagged but
+  listed with their reason in ``runs/retro_BATCH/INDEX.suppressed.csv``;
 - pairs above the threshold are added to the batch's retroactive run
-  (``retro/BATCH``, ``match_runs.retro_of`` = BATCH, migration 0011), add-only.
+  (``retro/BATCH``, ``match_runs.retro_of`` = BATCH, migration 0011), add-only,
+  with their reference's bank and the query's sha256 like daily pairs.
 
 Cost grows with new references x window queries, never with the whole
 reference set: the whole set is only read as two id -> sha lists to find what
 is new. Differences from the daily run, by design: only the whole-image view
 is searched (the other views are not cached), ranks are among the new
-references, and no evidence images are rendered.
+references, no evidence images are rendered, and PDQ is not searched (a new
+reference's PDQ matches come from the daily runs after it is indexed). A
+reference disabled during a night's pass and enabled later is searched in the
+past batches only where that pass wrote nothing (the baseline moves with the
+retroactive run), as daily runs are not rerun either.
 
 A batch is skipped, with its reason in the result, when its query list is
 missing (matched before this existed) or some of its query vectors are not
@@ -55,10 +66,12 @@ import numpy as np
 from moderation.db import FlaggedPair, MatchRunRecord, MatchRunRow
 from moderation.errors import BadImageError, NotFoundError
 from moderation.index import ReferenceIndex, build_index
-from moderation.jobs import Pinned, Pipeline, flag_threshold, pin, run_folder_of
+from moderation.jobs import Pinned, Pipeline, bank_of, flag_threshold, pin, run_folder_of
 from moderation.layout import QUERIES_PREFIX
 from moderation.matching import Candidate, MatchParams, flagged, search, verification_csv
+from moderation.reference_controls import Controls, read_controls
 from moderation.registry import IndexVersion, Kind
+from moderation.suppression import rejected_pairs, split_suppressed, suppressed_csv
 from moderation.vector_cache import Namespace, VectorCache
 
 log = logging.getLogger(__name__)
@@ -78,6 +91,8 @@ class BatchOutcome:
     verified: int = 0
     added: int = 0
     skipped: str = ""
+    disabled_references: int = 0  # new references not searched: disabled, or in a disabled bank
+    suppressed: int = 0  # pairs above the threshold the allow-list kept out of review (listed with reasons)
 
 
 @dataclass
@@ -107,6 +122,7 @@ class RetroResult:
                 "references_searched": self.references_searched, "batches": len(self.batches),
                 "queries_searched": sum(b.queries for b in self.batches if not b.skipped),
                 "candidates": sum(b.candidates for b in self.batches), "added": self.added,
+                "suppressed": sum(b.suppressed for b in self.batches),
                 "skipped": self.skipped, "seconds": round(self.seconds, 3),
                 "per_batch": [asdict(b) for b in self.batches]}
 
@@ -114,6 +130,11 @@ class RetroResult:
 def retro_batch(batch: str) -> str:
     """The run name of ``batch``'s retroactive pairs."""
     return f"{RETRO_PREFIX}{batch}"
+
+
+def suppressed_key(batch: str, index_version: str) -> str:
+    """The object key of the pairs that the controls suppressed when ``batch`` was searched for ``index_version``."""
+    return f"{run_folder_of(retro_batch(batch))}/{index_version}.suppressed.csv"
 
 
 def batches_in_window(runs: Iterable[MatchRunRow], days: int, today: date) -> list[MatchRunRow]:
@@ -136,8 +157,11 @@ def retro_match(p: Pipeline, *, days: int | None = None, today: date | None = No
     ``MODERATION_RETRO_WINDOW_DAYS`` (0: nothing is searched), ``today`` to
     the UTC date. Writes: per batch with new pairs or new references, its
     retroactive run row and pairs (add-only) and
-    ``runs/retro_BATCH/INDEX.csv`` (every candidate). Idempotent. Raises
-    NotFoundError when the model has no index.
+    ``runs/retro_BATCH/INDEX.csv`` (every candidate) and
+    ``runs/retro_BATCH/INDEX.suppressed.csv`` (the pairs above the threshold
+    that the operators' controls kept out, with the reason). The controls in
+    force are read once, at the start, as a daily run does. Idempotent.
+    Raises NotFoundError when the model has no index.
     """
     t0 = time.perf_counter()
     pinned = pin(p)
@@ -161,7 +185,7 @@ def retro_match(p: Pipeline, *, days: int | None = None, today: date | None = No
         if (row := retro_rows.get(run.batch)) is not None:
             baseline.add((row.model_version, row.index_version))
         groups.setdefault(frozenset(baseline), []).append(run)
-    search = _Searcher(p, pinned, threshold, combiner)
+    search = _Searcher(p, pinned, threshold, combiner, read_controls(p.db))
     searched: set[str] = set()
     for baseline, members in groups.items():
         try:
@@ -169,13 +193,15 @@ def retro_match(p: Pipeline, *, days: int | None = None, today: date | None = No
         except NotFoundError as exc:
             result.batches += [BatchOutcome(r.batch, skipped=f"baseline index gone: {exc}") for r in members]
             continue
+        disabled = [rid for rid in new_ids if rid in search.removed]
+        new_ids = [rid for rid in new_ids if rid not in search.removed]
         if not new_ids:
-            result.batches += [BatchOutcome(r.batch) for r in members]
+            result.batches += [BatchOutcome(r.batch, disabled_references=len(disabled)) for r in members]
             continue
         small = search.small_index(new_ids, current)
         searched.update(small.ids)
         for run in members:
-            result.batches.append(search.batch(run, small))
+            result.batches.append(replace(search.batch(run, small), disabled_references=len(disabled)))
     result.references_searched = len(searched)
     result.seconds = time.perf_counter() - t0
     log.info("retroactive matching for index %s: %d new references searched over %d batches, %d pairs added, "
@@ -218,14 +244,17 @@ def best_possible(combiner, global_scores: np.ndarray, max_features: int) -> np.
 class _Searcher:
     """The per-night state: statistics, caches, combiner; searches batches against small indexes."""
 
-    def __init__(self, p: Pipeline, pinned: Pinned, threshold: float, combiner):
+    def __init__(self, p: Pipeline, pinned: Pinned, threshold: float, combiner, controls: Controls):
         from moderation.two_stage import TwoStageConfig
 
         self.p, self.pinned, self.threshold, self.combiner = p, pinned, threshold, combiner
+        self.controls = controls
         self.post, self.bg = p.load_stats(pinned.stats)
         self.config = TwoStageConfig.from_settings(p.settings)
         self.locations = json.loads(p.registry.load(Kind.INDEX, pinned.index, "locations.json"))
         self.shas = p.index_shas(pinned.index)
+        self.banks = p.index_banks(pinned.index, self.locations)
+        self.removed = controls.removed(self.banks)  # disabled references and banks: never searched
         self._queries: VectorCache | None = None
         self._ref_features = None
 
@@ -274,14 +303,20 @@ class _Searcher:
         bars = self._bars(run.batch, pool_k)
         cands = [c for c in cands if c.score >= bars.get(c.query_id, -math.inf)]
         cands, n_verified = self._second_stage(cands, keys, shas)
+        above = flagged(cands, self.threshold)
+        rejected = rejected_pairs(self.p.db, {shas[c.query_id] for c in above})
+        chosen, suppressed = split_suppressed(above, shas, rejected, self.controls, self.p.settings.strict_min_inliers)
         pairs = [FlaggedPair(c.query_id, c.reference_id, c.raw_score, c.score, c.rank, query_key=keys[c.query_id],
-                             reference_key=self.locations.get(c.reference_id))
-                 for c in flagged(cands, self.threshold)]
+                             reference_key=self.locations.get(c.reference_id),
+                             bank=bank_of(c.reference_id, self.banks), query_sha256=shas[c.query_id] or None)
+                 for c in chosen]
         added = 0
         if pairs or cands:
             name = retro_batch(run.batch)
             artifact = f"{run_folder_of(name)}/{self.pinned.index.version}.csv"
             self.p.store.put(artifact, verification_csv(cands).encode(), "text/csv")
+            self.p.store.put(suppressed_key(run.batch, self.pinned.index.version),
+                             suppressed_csv(suppressed, self.banks).encode(), "text/csv")
             cal = self.pinned.calibration
             record = MatchRunRecord(batch=name, model_version=self.pinned.model.version,
                                     stats_version=self.pinned.stats.version,
@@ -292,7 +327,8 @@ class _Searcher:
                                    (self.pinned.index, self.p.db.record_index)):
                 record_fn(rec)
             _, added = self.p.db.add_retro_pairs(run.batch, record, pairs)
-        return BatchOutcome(run.batch, len(small.ids), len(qids), len(cands), n_verified, added)
+        return BatchOutcome(run.batch, len(small.ids), len(qids), len(cands), n_verified, added,
+                            suppressed=len(suppressed))
 
     def _bars(self, batch: str, pool_k: int) -> dict[str, float]:
         """Query id -> the global score a new reference must reach to enter the query's top ``pool_k``.

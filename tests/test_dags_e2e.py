@@ -161,6 +161,86 @@ def test_retro_match_runs_after_publishing_and_flags_past_copies(stack, dags, pi
     assert orchestration.has_index(pipeline.registry, model.version)
 
 
+LATER_DAY = "2026-11-30"  # a later day holding some of DAY's query bytes under other names
+
+
+def test_matching_dag_honours_disabled_references_rejections_policies_and_hash_banks(
+        stack, dags, pipeline, data, tmp_path):
+    """Operators act between two days; the matching DAG's next run applies it all.
+
+    DAY's flagged pairs give four (query, reference) pairs: the operator disables the first
+    reference (CLI), a moderator rejects the second pair (the review SQL functions), the operator
+    gives the third reference the suppress policy (CLI), the fourth is left alone. A partner's PDQ
+    hash list (ThreatExchange's `pdq HASH` lines) is imported (CLI) with the hash of an image no
+    reference resembles. LATER_DAY holds the same bytes as the four queries, renamed, and that image.
+    """
+    import csv
+    import io
+    import json
+
+    from moderation import review
+    from moderation.cli import main
+    from moderation.jobs import run_folder_of
+    from moderation.pdq import compute_pdq
+    from local_images import textured
+
+    batch = f"queries/{DAY}/"
+    if pipeline.db.run(batch) is None:
+        pytest.skip("needs the chain from test_stats_index_matching_retry_and_rerun")
+    chosen, queries, refs = [], set(), set()
+    for x in pipeline.db.pairs(pipeline.db.run(batch).id):  # best score first
+        if x.match_source != "pdq" and x.query_id not in queries and x.reference_id not in refs:
+            chosen.append(x)
+            queries.add(x.query_id)
+            refs.add(x.reference_id)
+    assert len(chosen) >= 4, [(x.query_id, x.reference_id) for x in chosen]
+    off, rejected, suppressed, plain = chosen[:4]
+
+    assert main(["reference", "disable", off.reference_id, "--why", "takedown request", "--by", "ops"]) == 0
+    assert main(["reference", "policy", suppressed.reference_id, "suppress", "--why", "a meme frame",
+                 "--by", "ops"]) == 0
+    review.claim_pair(pipeline.db, "mo", rejected.id)
+    review.decide(pipeline.db, rejected.id, "mo", "rejected", note="same layout, different picture")
+    banked = textured(7500)
+    bank_file = tmp_path / "partner.txt"
+    bank_file.write_text(f"pdq {compute_pdq(banked).hex()}\n")
+    assert main(["pdq", "import", str(bank_file), "--bank", "partner"]) == 0
+
+    later = f"queries/{LATER_DAY}/"
+    for x in chosen[:4]:
+        pipeline.store.put(f"{later}again-{x.query_id}.jpg", data.queries[DAY][f"{batch}{x.query_id}.jpg"],
+                           "image/jpeg")
+    buf = io.BytesIO()
+    banked.save(buf, "JPEG", quality=80)
+    pipeline.store.put(f"{later}banked.jpg", buf.getvalue(), "image/jpeg")
+    try:
+        dr, states, secs = h.run_dag(dags["query_matching_daily"], conf={"date": LATER_DAY})
+        FIGURES["query_matching_daily_with_controls"] = secs
+        assert dr.state == "success", states
+        run = pipeline.db.run(later)
+        flagged = {(x.query_id, x.reference_id): x for x in pipeline.db.pairs(run.id)}
+        assert not any(r == off.reference_id for _, r in flagged), flagged  # disabled: not searched
+        assert (f"again-{rejected.query_id}", rejected.reference_id) not in flagged
+        assert (f"again-{suppressed.query_id}", suppressed.reference_id) not in flagged
+        kept = flagged[(f"again-{plain.query_id}", plain.reference_id)]  # what no control touches
+        assert kept.bank == "default" and kept.query_sha256
+        hashed = flagged[("banked", f"hashbank:partner:{compute_pdq(banked).hex()}")]  # no id: the hash is it
+        assert (hashed.match_source, hashed.bank) == ("pdq", "hashbank:partner")
+
+        folder = run_folder_of(later)
+        listed = {(r["query_id"], r["reference_id"]): r["reason"] for r in
+                  csv.DictReader(io.StringIO(pipeline.store.get(f"{folder}/suppressed.csv").decode()))}
+        assert listed == {(f"again-{rejected.query_id}", rejected.reference_id): "rejected_before",
+                          (f"again-{suppressed.query_id}", suppressed.reference_id): "reference_suppressed"}
+        assert off.reference_id not in pipeline.store.get(f"{folder}/candidates.csv").decode()
+        matching = json.loads(pipeline.store.get(f"{folder}/matching.json"))
+        assert matching["n_removed_references"] == 1 and matching["suppressed"] == {
+            "rejected_before": 1, "reference_suppressed": 1}
+    finally:  # the later tests match with every reference, as before
+        main(["reference", "enable", off.reference_id, "--why", "takedown withdrawn", "--by", "ops"])
+        main(["reference", "policy", suppressed.reference_id, "normal", "--why", "done", "--by", "ops"])
+
+
 def test_query_gate_failure_is_readable_and_not_retried(stack, dags, pipeline, data):
     day = "2026-11-29"
     h.upload(pipeline.store, {f"queries/{day}/Q{i:03d}.jpg": b"not an image" for i in range(3)})

@@ -74,7 +74,8 @@ def test_pdq_flags_what_the_descriptor_misses_and_hash_only_bank_entries(pipelin
     from moderation.pdq import compute_pdq
 
     p = pipeline
-    # A partner's bank: hashes only, in HMA's "hash,id" text; one of them is of an image we never see.
+    # A partner's bank: hashes only, as the PDQ reference tools write them ("HASH,metadata": the metadata is
+    # the id); one of them is of an image we never see.
     banked = compute_pdq(textured(7500))
     bank_file = tmp_path / "partner.txt"
     bank_file.write_text(f"{banked.hex()},case-17\n{compute_pdq(textured(7501)).hex()},case-18\n")
@@ -122,7 +123,7 @@ def test_pdq_flags_what_the_descriptor_misses_and_hash_only_bank_entries(pipelin
         os.environ.update({k: str(v) for k, v in _env_of(p).items()})
         assert main(["pdq", "export", "--bank", "partner", str(out)]) == 0
         assert [e.hash.bits for e in hash_banks.parse_bank(out.read_text())] == [e.hash.bits for e in entries]
-        assert main(["pdq", "export", "--bank", "references", str(out), "--format", "hashid"]) == 0
+        assert main(["pdq", "export", "--bank", "references", str(out), "--format", "pdq"]) == 0
         assert sorted(e.entry_id for e in hash_banks.parse_bank(out.read_text())) == [f"R{i}" for i in range(N_REFS)]
         assert main(["pdq", "import", str(bank_file), "--bank", "partner2"]) == 0
         assert "partner2" in hash_banks.list_banks(p.store)

@@ -96,6 +96,18 @@ def test_flagged_pairs_ranges_and_uniqueness():
     assert quality.check_flagged_pairs([], threshold=0.25, beta=1.0, topk=10, history=[5, 5, 5]).success
 
 
+def test_pairs_flagged_by_pdq_alone_are_held_to_their_hash_distance_not_the_descriptor():
+    # A PDQ-only pair keeps the descriptor's score and rank, 0 when it did not rank the reference.
+    pdq_only = {**_pair(1, raw=0.0, score=0.0, rank=0), "match_source": "pdq", "pdq_distance": 12}
+    below = {**_pair(2, score=0.1, rank=4), "match_source": "pdq", "pdq_distance": 31}
+    both = {**_pair(3), "match_source": "both", "pdq_distance": 3}
+    ok = [_pair(0), pdq_only, below, both]
+    assert quality.check_flagged_pairs(ok, threshold=0.25, beta=1.0, topk=10, history=[]).success
+    bad = [{**_pair(0, score=0.0, rank=0), "match_source": "sscd"}, {**pdq_only, "pdq_distance": 300}]
+    result = quality.check_flagged_pairs(bad, threshold=0.25, beta=1.0, topk=10, history=[])
+    assert {o.kwargs.get("column") for o in result.failed} == {"score", "rank", "pdq_distance"}
+
+
 def test_spike_bound():
     limits = QualityLimits(spike_factor=3.0, spike_min_count=20, spike_min_history=3, spike_window=4)
     assert not quality.spike_bound([10, 10], limits).applies

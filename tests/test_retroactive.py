@@ -167,3 +167,159 @@ def test_cli_retro_match_window(world, monkeypatch, capsys):
     assert set(per_batch) == {BATCH, f"queries/{OLD_DAY}/"}
     assert per_batch[BATCH]["new_references"] == 0
     assert per_batch[f"queries/{OLD_DAY}/"]["new_references"] == out["references_searched"] == 5
+
+
+# -- the operators' controls apply to retroactive pairs as to daily ones ---------------------------
+#
+# Near-duplicate copies (a light brightness change) so that every held-back reference would be
+# flagged retroactively without its control: the control is then the only reason a pair is missing.
+
+CTL_DAY = (TODAY - timedelta(days=3)).isoformat()
+CTL_BATCH = f"queries/{CTL_DAY}/"
+CTL_LATER = f"queries/{(TODAY - timedelta(days=1)).isoformat()}/"  # matched after the index caught up
+# role -> reference id; all held back from the first index, all copied on CTL_DAY
+HELD = {"rejected": "R0100", "disabled": "R0101", "bank_off": "R0102", "suppress": "R0103",
+        "strict": "R0104", "plain": "R0105"}
+PARTNER_KEY = "references/partner/"  # bank "partner" (its folder)
+
+
+def _near_copy(img) -> bytes:
+    from PIL import ImageEnhance
+
+    return h._jpeg(ImageEnhance.Brightness(img).enhance(1.08))
+
+
+@pytest.fixture(scope="module")
+def controlled(s3_server, tmp_path_factory):
+    """A world of its own (database and bucket) where one retroactive pass meets every kind of control.
+
+    Night 1 indexes the references without HELD; CTL_DAY, holding a near copy of each HELD
+    reference, is matched against it. Night 2 indexes HELD too, but its retroactive pass does not
+    run (a missed night). During the day: CTL_LATER holds the bytes of the copy of HELD["rejected"]
+    under another name, is matched against night 2's index and a moderator rejects that pair.
+    The operator disables HELD["disabled"] (before night 2's build: the build holds it out) and the
+    bank "partner" of HELD["bank_off"] (after the build), gives HELD["suppress"] the suppress policy
+    and HELD["strict"] a bar no pair reaches. Then the retroactive pass catches CTL_DAY up.
+    """
+    import random
+
+    from conftest import create_pg_database, drop_pg_database
+
+    from moderation import orchestration as orch
+    from moderation import reference_controls as rc
+    from moderation import review
+    from moderation.config import Settings
+    from moderation.store import open_store
+
+    url = create_pg_database("retro_ctl")
+    env = {**s3_env(s3_server, f"retro-ctl-{uuid.uuid4().hex[:8]}"), "MODERATION_DATABASE_URL": url,
+           "MODERATION_HOME": str(tmp_path_factory.mktemp("home")), "MODERATION_IMAGE_SIZE": "96",
+           "MODERATION_WORKERS": "0", "MODERATION_PROGRESS": "false", "MODERATION_DEVICE": "cpu",
+           "MODERATION_VERIFY_WORKERS": "0", "MODERATION_BATCH_SIZE": "16"}
+    settings = Settings.from_env(env)
+    rng = random.Random(11)
+    images = {f"R{i:04d}": h._shape_image(rng) for i in list(range(6)) + list(range(100, 106))}
+    keys = {rid: f"{PARTNER_KEY if rid in ('R0005', HELD['bank_off']) else 'references/'}{rid}.jpg"
+            for rid in images}
+    copies = {f"Q{j:03d}": rid for j, rid in enumerate(HELD.values())}
+    store = open_store(settings)
+    h.upload(store, {f"background/B{i:04d}.jpg": h._jpeg(h._shape_image(rng)) for i in range(16)})
+    h.upload(store, {keys[rid]: h._jpeg(img) for rid, img in images.items() if rid not in HELD.values()})
+    day = {f"{CTL_BATCH}{qid}.jpg": _near_copy(images[rid]) for qid, rid in copies.items()}
+    day[f"{CTL_BATCH}Q900.jpg"] = h._jpeg(h._shape_image(rng))  # a distractor
+    h.upload(store, day)
+    p = orch.open_pipeline(settings)
+    try:
+        orch.fit_background_stats(settings, orch.sample_background(settings))
+        orch.build_index_version(settings, orch.plan_reference_index(settings))
+        model = orch.embed_query_batch(settings, CTL_BATCH)["model_version"]
+        orch.match_batch(settings, CTL_BATCH, model)
+        assert not {x.reference_id for x in p.db.pairs(p.db.run(CTL_BATCH).id)} & set(HELD.values())
+
+        rc.set_reference_enabled(p.db, HELD["disabled"], False, "takedown request", by="ops")
+        h.upload(store, {keys[rid]: h._jpeg(images[rid]) for rid in HELD.values()})
+        built = orch.build_index_version(settings, orch.plan_reference_index(settings))
+        assert built["changed"]
+        rejected_q = next(q for q, r in copies.items() if r == HELD["rejected"])
+        store.put(f"{CTL_LATER}renamed-{rejected_q}.jpg", day[f"{CTL_BATCH}{rejected_q}.jpg"], "image/jpeg")
+        orch.embed_query_batch(settings, CTL_LATER)
+        orch.match_batch(settings, CTL_LATER, model)
+        [pair] = [x for x in p.db.pairs(p.db.run(CTL_LATER).id) if x.reference_id == HELD["rejected"]]
+        review.claim_pair(p.db, "mo", pair.id)
+        review.decide(p.db, pair.id, "mo", "rejected", note="same layout, different picture")
+
+        rc.set_bank_enabled(p.db, "partner", False, "licence expired", by="ops")
+        rc.set_reference_policy(p.db, HELD["suppress"], rc.Policy.SUPPRESS, "a meme frame", by="ops")
+        rc.set_reference_policy(p.db, HELD["strict"], rc.Policy.STRICT, "a template", min_inliers=100_000,
+                                by="ops")
+        result = orch.retro_match_new_references(settings, built)
+        yield {"p": p, "result": result, "built": built, "copies": copies, "settings": settings}
+    finally:
+        p.db.engine.dispose()
+        drop_pg_database(url)
+
+
+def _retro_rows(p, batch):
+    with p.db.session() as s:
+        return s.execute(text(
+            "select fp.query_id, fp.reference_id, fp.bank, fp.query_sha256 from flagged_pairs fp "
+            "join match_runs r on r.id = fp.run_id where r.retro_of = :b order by fp.id"), {"b": batch}).all()
+
+
+def _retro_suppressed(w) -> dict[tuple[str, str], tuple[str, str]]:
+    import csv
+    import io
+
+    from moderation.retroactive import suppressed_key
+
+    data = w["p"].store.get(suppressed_key(CTL_BATCH, w["built"]["index_version"])).decode()
+    return {(r["query_id"], r["reference_id"]): (r["reason"], r["bank"]) for r in csv.DictReader(io.StringIO(data))}
+
+
+def test_retro_pairs_carry_bank_and_query_sha_like_daily_pairs(controlled):
+    p, copies = controlled["p"], controlled["copies"]
+    plain_q = next(q for q, r in copies.items() if r == HELD["plain"])
+    rows = {(q, r): (bank, sha) for q, r, bank, sha in _retro_rows(p, CTL_BATCH)}
+    assert (plain_q, HELD["plain"]) in rows, rows  # the control case: the pass found a copy it may flag
+    daily_sha = {x.query_id: x.query_sha256 for x in p.db.pairs(p.db.run(CTL_BATCH).id)}
+    listed = {q: sha for q, _, sha in json.loads(p.store.get(f"{_folder(CTL_BATCH)}/queries.json"))["queries"]}
+    bank, sha = rows[(plain_q, HELD["plain"])]
+    assert bank == "default" and sha == listed[plain_q] and len(sha) == 64
+    assert all(q not in daily_sha or daily_sha[q] == listed[q] for q in listed)
+
+
+def test_retro_does_not_flag_again_a_pair_a_moderator_rejected(controlled):
+    p, copies = controlled["p"], controlled["copies"]
+    rejected_q = next(q for q, r in copies.items() if r == HELD["rejected"])
+    assert (rejected_q, HELD["rejected"]) not in {(q, r) for q, r, *_ in _retro_rows(p, CTL_BATCH)}
+    assert _retro_suppressed(controlled)[(rejected_q, HELD["rejected"])] == ("rejected_before", "default")
+
+
+def test_retro_searches_no_disabled_reference_or_bank(controlled):
+    p, result = controlled["p"], controlled["result"]
+    off = {HELD["disabled"], HELD["bank_off"]}
+    assert not off & {r for _, r, *_ in _retro_rows(p, CTL_BATCH)}
+    assert not off & {r for _, r in _retro_suppressed(controlled)}  # not even as suppressed candidates
+    candidates = p.store.get(f"{_folder(f'retro/{CTL_BATCH}')}/{controlled['built']['index_version']}.csv")
+    assert not any(rid in candidates.decode() for rid in off)
+    [outcome] = [b for b in result["per_batch"] if b["batch"] == CTL_BATCH]
+    assert outcome["disabled_references"] == 2
+    assert outcome["new_references"] == len(HELD) - 2
+
+
+def test_retro_lists_policy_suppressed_pairs_with_their_reason(controlled):
+    p, copies, result = controlled["p"], controlled["copies"], controlled["result"]
+    q_of = {r: q for q, r in copies.items()}
+    flagged = {(q, r) for q, r, *_ in _retro_rows(p, CTL_BATCH)}
+    suppressed = _retro_suppressed(controlled)
+    for role, reason in (("suppress", "reference_suppressed"), ("strict", "strict_reference")):
+        pair = (q_of[HELD[role]], HELD[role])
+        assert pair not in flagged
+        assert suppressed[pair] == (reason, "default")
+    assert result["suppressed"] == len(suppressed) == 3  # with the rejected pair
+
+
+def _folder(batch: str) -> str:
+    from moderation.jobs import run_folder_of
+
+    return run_folder_of(batch)
