@@ -170,3 +170,29 @@ def test_full_rebuild_setting_reads_everything(pipeline):
     version = build_reference_index(forced, StoreSource(p.settings, "references/"))
     assert version.info["build"] == "full"
     assert set(store.reads.values()) == {1} and len(store.reads) == version.count
+
+
+def test_ivf_index_grows_in_place_until_the_growth_factor_then_retrains(pipeline):
+    from dataclasses import replace
+
+    from moderation.embedding import StoreSource
+    from moderation.jobs import Pipeline, build_reference_index
+
+    p = pipeline
+    store: ReadCounter = p.store
+    ivf = Pipeline(replace(p.settings, index_factory="IVF2,Flat", index_retrain_growth=1.2), store, p.db)
+    source = StoreSource(p.settings, "references/")
+    first = build_reference_index(ivf, source)  # the factory changed: a full build, trained on all
+    assert first.info["build"] == "full" and first.info["trained_count"] == first.count
+    store.put("references/R_ivf1.jpg", jpeg(8950))
+    store.reset()
+    grown = build_reference_index(ivf, source)  # within 1.2 x the trained count: added in place
+    assert grown.info["build"] == "incremental" and grown.info["trained_count"] == first.count
+    assert grown.count == first.count + 1 and store.reads == Counter({"references/R_ivf1.jpg": 1})
+    assert "R_ivf1" in p.load_index(grown)[0].ids
+    store.put("references/R_ivf2.jpg", jpeg(8951))
+    store.put("references/R_ivf3.jpg", jpeg(8952))
+    store.reset()
+    retrained = build_reference_index(ivf, source)
+    assert retrained.info["build"] == "full" and retrained.info["trained_count"] == first.count + 3
+    assert store.reads == Counter({"references/R_ivf2.jpg": 1, "references/R_ivf3.jpg": 1})
