@@ -228,9 +228,10 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
     and changed ids removed, new vectors added); otherwise, or with ``full``
     (default MODERATION_INDEX_FULL_REBUILD), it is built from every vector.
     ``full`` also reads every reference again and publishes even an
-    unchanged set. Both give the same search results. Returns the version in
-    force afterwards; otherwise an unchanged reference set republishes nothing. Raises BatchFailedError when too many
-    references fail to decode, ModerationError when none is left.
+    unchanged set; otherwise an unchanged set republishes nothing. Both give
+    the same search results. Returns the version in force afterwards. Raises
+    BatchFailedError when too many references fail to decode,
+    ModerationError when none is left or the previous manifest is unreadable.
     """
     from moderation.incremental_index import can_update, content_hash, held_vectors, update_index
     from moderation.reference_changes import (MANIFEST_FILE, detect_changes, listed_refs, manifest_bytes,
@@ -258,11 +259,14 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
     log.info("reference changes since %s: %s", previous.version if manifest is not None else "(none)",
              changes.summary())
     reader = _ReferenceReader(p, loaded, source)
-    # Unchanged references the incremental path needs nothing of but their caches' entries.
-    fresh = reader.read(changes.to_read + reader.missing_from_caches(
-        changes.unchanged + [r for r in changes.added if r.sha256], need_vectors=base is None))
+    # An unchanged reference's vector is needed only when the index is built from every vector;
+    # one whose sha a shard gave (hinted) is added, so its vector is always needed.
+    hinted = [r for r in changes.added if r.sha256]
+    fresh = reader.read(changes.to_read + reader.missing_from_caches(changes.unchanged, need_vectors=base is None)
+                        + reader.missing_from_caches(hinted, need_vectors=True))
     failures = changes.duplicates + reader.failures
-    known = {r.image_id: r for r in changes.unchanged + changes.added if r.sha256}
+    # A reference read this run counts as read: one that no longer decodes is a failure, not its old sha.
+    known = {r.image_id: r for r in changes.unchanged + hinted if r.image_id not in reader.attempted}
     refs = [fresh.get(r.image_id) or known[r.image_id] for r in changes.unchanged + changes.added
             if r.image_id in fresh or r.image_id in known]
     refs.sort(key=lambda r: r.location)  # the listing's order, as a full build has always used
@@ -396,7 +400,8 @@ class _ReferenceReader:
             missing.update((r.image_id, "vector") for r in refs if r.sha256 not in known)
         if self.pdq is not None:
             known = self.pdq.known()
-            missing.update((r.image_id, "PDQ hash") for r in refs if r.sha256 not in known and r.image_id not in missing)
+            missing.update((r.image_id, "PDQ hash") for r in refs
+                           if r.sha256 not in known and r.image_id not in missing)
         if self.feature_cache is not None:
             known = self.feature_known()
             missing.update((r.image_id, "local features") for r in refs
