@@ -1,6 +1,10 @@
 """Reference index: embed new or changed references in parallel shards, build and publish the index.
 
 Nightly, and whenever new statistics are published (``moderation_stats``).
+New or changed references are found from the object listing (size, ETag)
+against the manifest of the index version in force, without reading any
+image; only they go to the mapped shards, each read once, and the build
+updates the previous index in place (param ``full``: read and rebuild all).
 Runs for one model (the triggering event's, else the current one) with the
 statistics version in force for it, refuses shards embedded by another
 model, gates the reference batch and the vectors, then publishes an index
@@ -46,12 +50,16 @@ from moderation import layout
                         description="Object prefix of the reference images."),
         "keys_per_shard": Param(2000, type="integer", minimum=1, description="References per mapped task."),
         "max_shards": Param(16, type="integer", minimum=1, maximum=1024, description="Most mapped tasks."),
+        "full": Param(False, type="boolean",
+                      description="Read every reference and rebuild the index from every vector, instead of "
+                                  "reading only what the listing shows new or changed."),
     },
     doc_md=__doc__,
 )
 def reference_index_nightly():
-    @task(doc_md="Reads: model and statistics pointers, the reference listing. Writes: nothing. "
-                 "Returns the shard specs, each pinning the model and statistics versions. No statistics "
+    @task(doc_md="Reads: model and statistics pointers, the reference listing, the manifest of the index in "
+                 "force. Writes: nothing. Returns the shard specs of the new or changed references (all with "
+                 "the `full` param), each pinning the model, statistics and previous index versions. No statistics "
                  "for the model yet: skips the run, naming the DAG to run.")
     def plan(params=None, triggering_asset_events=None):
         from moderation import orchestration
@@ -60,11 +68,13 @@ def reference_index_nightly():
                  or params["model_version"] or None)
         planned = common.no_retry(orchestration.plan_reference_index, common.settings(),
                                   prefix=params["prefix"], keys_per_shard=params["keys_per_shard"],
-                                  max_shards=params["max_shards"], model_version=model)
+                                  max_shards=params["max_shards"], model_version=model,
+                                  full=bool(params.get("full", False)))
         return planned["shards"]
 
-    @task(doc_md="Mapped, one per shard. Reads: the shard's references. Writes: its quality profile "
-                 "(quality/profiles/references/RUN/), new vectors in embeddings/MODEL/references/. "
+    @task(doc_md="Mapped, one per shard. Reads: the shard's new or changed references, once each. Writes: its "
+                 "quality profile and the shas it read (quality/profiles/references/RUN/), new vectors in "
+                 "embeddings/MODEL/references/, PDQ hashes, local features. "
                  "Gate: embeddings (dimension, unit norm, finite).")
     def embed_shard(shard: dict, run_id=None):
         from moderation import orchestration
@@ -79,13 +89,15 @@ def reference_index_nightly():
         results = [shards[i] for i in range(len(shards))]  # indexed: no probe past the last shard
         return common.no_retry(orchestration.check_reference_batch, common.settings(), planned[0], results)
 
-    @task(doc_md="Reads: references (vectors from the cache), the pinned statistics. Writes: "
+    @task(doc_md="Reads: the reference listing, the previous index's manifest, the shards' shas, vectors from "
+                 "the cache (an image only if a cache lacks it), the pinned statistics; updates the previous "
+                 "index in place when statistics and factory are unchanged. Writes: "
                  "indexes/MODEL/INDEX/ then indexes/MODEL/CURRENT (only if changed), an index_versions "
                  "row. The pointer moves last: a failure leaves the previous index in force.")
     def build(planned: list, checked: dict):
         from moderation import orchestration
 
-        return common.no_retry(orchestration.build_index_version, common.settings(), planned[0])
+        return common.no_retry(orchestration.build_index_version, common.settings(), planned[0], checked)
 
     @task(doc_md="Reads: calibration/ground_truth.csv and calibration/queries/ if present. Writes: "
                  "calibrations/MODEL/STATS/CAL and a calibrations row for a new model/statistics pair.")

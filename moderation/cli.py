@@ -60,9 +60,10 @@ def cmd_stats_refresh(args, settings):
 def cmd_index_build(args, settings):
     from moderation.jobs import build_reference_index
 
-    rec = build_reference_index(_pipeline(settings), _source(args, settings))
+    rec = build_reference_index(_pipeline(settings), _source(args, settings), full=args.full or None)
     _print({"index_version": rec.version, "model_version": rec.model_version,
-            "stats_version": rec.stats_version, "count": rec.count, "factory": rec.factory})
+            "stats_version": rec.stats_version, "count": rec.count, "factory": rec.factory,
+            "build": rec.info.get("build"), "read": rec.info.get("read"), "changes": rec.info.get("changes")})
 
 
 def cmd_calibrate(args, settings):
@@ -337,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = index.add_parser("build", help="embed the references and publish a new index version")
     _add_images(p, "reference images")
     p.add_argument("--factory", help="FAISS index_factory string (MODERATION_INDEX_FACTORY), default Flat")
+    p.add_argument("--full", action="store_true",
+                   help="read every reference and rebuild from every vector, not only what the listing shows "
+                        "changed (MODERATION_INDEX_FULL_REBUILD)")
     p.set_defaults(func=cmd_index_build)
 
     p = sub.add_parser("calibrate", help="evaluate on a labelled query set and store the 90%%-precision threshold")

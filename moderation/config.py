@@ -86,6 +86,11 @@ class Settings:
     postprocess: Postprocess = Postprocess.WHITEN
     whiten_dim: int = 0  # 0: keep the descriptor's dimension
     index_factory: str = "Flat"
+    # Nightly index builds (moderation.reference_changes, moderation.incremental_index): read every reference
+    # and rebuild from every vector instead of reading only what the listing shows changed; and how far an
+    # IVF/PQ index may grow past the count its quantiser was trained on before a build retrains it.
+    index_full_rebuild: bool = False
+    index_retrain_growth: float = 2.0
     threshold: float = 0.0  # 0: use the calibrated threshold of the model/stats pair
     max_failure_rate: float = 0.2
     max_image_pixels: int = 64_000_000
@@ -163,6 +168,9 @@ class Settings:
             raise ConfigError("MODERATION_RETRO_WINDOW_DAYS must be 0 (off) or more")
         if not self.gc_grace_hours >= 0 or self.keep_versions < 0:
             raise ConfigError("MODERATION_GC_GRACE_HOURS and MODERATION_KEEP_VERSIONS must be 0 or more")
+        if not self.index_retrain_growth >= 1.0:
+            raise ConfigError("MODERATION_INDEX_RETRAIN_GROWTH must be at least 1 (retrain an IVF/PQ index once the "
+                              "reference set is that many times the size it was trained on)")
         if self.strict_min_inliers < 1:
             raise ConfigError("MODERATION_STRICT_MIN_INLIERS must be at least 1")
         if self.max_local_features < 16:

@@ -11,9 +11,11 @@ mapped tasks) share one cache.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -59,6 +61,22 @@ class FolderSource:
     def read(self, location: str) -> bytes:
         return read_image_file(Path(self.root), Path(location), self.max_bytes)
 
+    def listed(self) -> list[ImageRef]:
+        """:meth:`refs` with each file's fingerprint from ``lstat`` (size, mtime in ns); nothing is read.
+
+        Links and other non-files get no fingerprint: they are always "read"
+        (which records their failure).
+        """
+        out = []
+        for path in list_image_entries(Path(self.root)):
+            try:
+                st = os.lstat(path)
+                fingerprint = f"{st.st_size}:mtime_ns={st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else ""
+            except OSError:  # vanished since the walk
+                fingerprint = ""
+            out.append(ImageRef(image_id_from(path.name), str(path), fingerprint=fingerprint))
+        return out
+
 
 @dataclass(frozen=True)
 class StoreSource:
@@ -79,6 +97,18 @@ class StoreSource:
         keys = self.keys if self.keys is not None else [
             k for k in open_store(self.settings).list(self.prefix) if k.lower().endswith(IMAGE_SUFFIXES)]
         return [ImageRef(image_id_from(k), k) for k in keys]
+
+    def listed(self) -> list[ImageRef]:
+        """:meth:`refs` with each object's fingerprint (size and ETag) from one listing; nothing is read."""
+        from moderation.images import IMAGE_SUFFIXES
+        from moderation.store import open_store
+
+        wanted = None if self.keys is None else set(self.keys)
+        found = {e.key: e for e in open_store(self.settings).entries(self.prefix)
+                 if e.key.lower().endswith(IMAGE_SUFFIXES) and (wanted is None or e.key in wanted)}
+        keys = self.keys if self.keys is not None else sorted(found)
+        return [ImageRef(image_id_from(k), k, fingerprint=found[k].fingerprint if k in found else "")
+                for k in keys]
 
     def read(self, location: str) -> bytes:
         """The object's bytes; BadImageError ``too_large_file`` from its size, before it is fetched."""
@@ -109,6 +139,7 @@ class EmbeddingResult:
     vectors: np.ndarray
     failures: list[Failure] = field(default_factory=list)
     cached: int = 0
+    features: dict | None = None  # with a feature cache: counts of local features computed/failed
 
     @property
     def ids(self) -> list[str]:
@@ -120,14 +151,20 @@ class EmbeddingResult:
 
 
 class _Images(Dataset):
-    """Reads, decodes and preprocesses one image; ``pdq_known`` None: no PDQ hashes wanted."""
+    """Reads, decodes and preprocesses one image; ``pdq_known`` None: no PDQ hashes wanted.
+
+    ``features`` (a :class:`moderation.local_features.FeatureConfig` and the
+    shas whose features are stored) asks for the verifier's local features
+    of the other images, described from the same bytes: one read per image.
+    """
 
     def __init__(self, source: ImageSource, refs: list[ImageRef], known: frozenset[str],
                  size: int, mode: ResizeMode, max_pixels: int, max_bytes: int,
-                 pdq_known: frozenset[str] | None = None):
+                 pdq_known: frozenset[str] | None = None, features=None):
         self.source, self.refs, self.known = source, refs, known
         self.size, self.mode, self.max_pixels, self.max_bytes = size, mode, max_pixels, max_bytes
         self.pdq_known = pdq_known
+        self.features = features
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -136,24 +173,41 @@ class _Images(Dataset):
         return self.item(i, self.known, self.pdq_known)
 
     def item(self, i: int, known: frozenset[str], pdq_known: frozenset[str] | None = None):
-        """(i, sha, uint8 tensor or None if ``sha`` is in ``known``, PDQ hash or None, failure reason, detail).
+        """(i, sha, uint8 tensor or None if ``sha`` is in ``known``, PDQ hash or None, failure reason, detail,
+        local features or None).
 
         The PDQ hash is computed from the same decoded image, when hashes are
-        wanted and ``sha`` is not in ``pdq_known``.
+        wanted and ``sha`` is not in ``pdq_known``; local features likewise
+        (``(bytes or None, error)``) when wanted and missing.
         """
         data, reason, detail = read_input(self.source, self.refs[i])
         if reason:
-            return i, "", None, None, reason, detail
+            return i, "", None, None, reason, detail, None
         sha = sha256_hex(data)
         want_pdq = pdq_known is not None and sha not in pdq_known
+        feats = self._features(data, sha)
         if sha in known and not want_pdq:
-            return i, sha, None, None, "", ""
+            return i, sha, None, None, "", "", feats
         try:
             img = decode_image(data, self.max_pixels, self.max_bytes, min_size=self.size)
         except Exception as exc:
-            return i, sha, None, None, getattr(exc, "reason", "unreadable"), getattr(exc, "detail", str(exc))
+            return i, sha, None, None, getattr(exc, "reason", "unreadable"), getattr(exc, "detail", str(exc)), None
         tensor = None if sha in known else preprocess_uint8(img, self.size, self.mode)
-        return i, sha, tensor, safe_pdq(img) if want_pdq else None, "", ""
+        return i, sha, tensor, safe_pdq(img) if want_pdq else None, "", "", feats
+
+    def _features(self, data: bytes, sha: str):
+        if self.features is None or sha in self.features[1]:
+            return None
+        from moderation.reference_features import features_of_bytes
+
+        # Decoded again at the verifier's own reduced size (not the descriptor's): the features must equal
+        # those a match run computes when one is missing, and a second decode costs far less than a read.
+        try:
+            return features_of_bytes(data, self.features[0], self.max_pixels, self.max_bytes).to_bytes(), ""
+        except BadImageError as exc:
+            return None, f"{exc.reason}: {exc.detail}"
+        except Exception as exc:  # noqa: BLE001 - recorded per image; the descriptor may still succeed
+            return None, f"{type(exc).__name__}: {exc}"
 
 
 def read_input(source: ImageSource, ref: ImageRef) -> tuple[bytes, str, str]:
@@ -205,7 +259,8 @@ def forward_batch(model: Callable, tensors: list[torch.Tensor], device: torch.de
 def embed(model: Callable, source: ImageSource, settings: Settings, *,
           cache: VectorCache | None = None, device: torch.device | None = None,
           refs: list[ImageRef] | None = None, desc: str = "embedding",
-          pdq_cache: VectorCache | None = None) -> EmbeddingResult:
+          pdq_cache: VectorCache | None = None, feature_cache=None,
+          feature_known: frozenset[str] | None = None) -> EmbeddingResult:
     """Embed every image of ``source`` (or the given ``refs``) with ``model``.
 
     Returns vectors (float32, unit-norm if the model normalises) for the
@@ -215,7 +270,11 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
     :func:`check_failure_rate`. With ``pdq_cache`` (:func:`moderation.pdq.pdq_cache`),
     the PDQ hash of every image it lacks is computed from the same decoded
     image and added to it (an image whose vector is cached is decoded for
-    its hash alone).
+    its hash alone). With ``feature_cache`` (:class:`moderation.local_features.FeatureCache`),
+    the local features of every image it lacks are described from the same
+    bytes and stored; one that cannot be described is logged and counted in
+    ``result.features``, and its vector is still returned. ``feature_known``:
+    the shas with stored features, if the caller has listed them already.
     """
     from tqdm import tqdm
 
@@ -223,8 +282,10 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
     device = device or torch.device("cpu")
     known = frozenset() if cache is None else cache.known()
     pdq_known = None if pdq_cache is None else pdq_cache.known()
+    features = None if feature_cache is None else (
+        feature_cache.config, frozenset(feature_cache.known() if feature_known is None else feature_known))
     dataset = _Images(source, refs, known, settings.image_size, settings.resize_mode,
-                      settings.max_image_pixels, settings.max_file_bytes, pdq_known)
+                      settings.max_image_pixels, settings.max_file_bytes, pdq_known, features)
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.workers,
                         collate_fn=collate_items, worker_init_fn=init_decode_worker, pin_memory=device.type == "cuda",
                         persistent_workers=False,
@@ -236,6 +297,7 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
     new_shas: list[str] = []
     new_vecs: list[np.ndarray] = []
     new_pdq: dict[str, PdqHash] = {}
+    feature_counts = {"computed": 0, "failed": 0}
     if hasattr(model, "eval"):
         model.eval()
     bar = tqdm(total=len(refs), desc=desc, unit="img", file=sys.stderr,
@@ -243,17 +305,19 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
     with torch.inference_mode():
         for batch in loader:
             todo = []
-            for i, sha, tensor, pdq, reason, detail in batch:
+            for i, sha, tensor, pdq, reason, detail, feats in batch:
                 ref = refs[i]
                 if pdq is not None:
                     new_pdq[sha] = pdq
+                if feats is not None:
+                    _store_features(feature_cache, ref, sha, feats, feature_counts)
                 if tensor is None and not reason:
                     if (vec := cache.get(sha)) is not None:
                         vectors[i], shas[i] = vec, sha
                         n_cached += 1
                         continue
                     # Its cached part was corrupt or has gone: embed the image after all.
-                    _, sha, tensor, _, reason, detail = dataset.item(i, frozenset())
+                    _, sha, tensor, _, reason, detail, _ = dataset.item(i, frozenset())
                 if reason:
                     failures.append(skipped(ref, reason, detail))
                 else:
@@ -272,10 +336,22 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
     if pdq_cache is not None:
         add_hashes(pdq_cache, new_pdq)
     order = sorted(vectors)
-    out_refs = [ImageRef(refs[i].image_id, refs[i].location, shas[i]) for i in order]
+    # The fingerprint stays the listing's: if the bytes changed after it, the next run sees a new one.
+    out_refs = [replace(refs[i], sha256=shas[i]) for i in order]
     dim = next(iter(vectors.values())).shape[0] if vectors else 0
     mat = np.stack([vectors[i] for i in order]).astype(np.float32) if order else np.zeros((0, dim), np.float32)
-    return EmbeddingResult(out_refs, mat, failures, n_cached)
+    return EmbeddingResult(out_refs, mat, failures, n_cached,
+                           features=None if feature_cache is None else feature_counts)
+
+
+def _store_features(cache, ref: ImageRef, sha: str, feats: tuple[bytes | None, str], counts: dict) -> None:
+    data, error = feats
+    if data is None:
+        counts["failed"] += 1
+        log.warning("no local features for reference %s (%s): %s", ref.image_id, ref.location, error)
+        return
+    cache.store.put(cache.key(sha), data)
+    counts["computed"] += 1
 
 
 def check_failure_rate(result: EmbeddingResult, limit: float, what: str = "batch") -> None:
@@ -306,4 +382,5 @@ def dedupe_ids(result: EmbeddingResult) -> EmbeddingResult:
             continue
         seen.add(ref.image_id)
         keep.append(j)
-    return EmbeddingResult([result.refs[j] for j in keep], result.vectors[keep], failures, result.cached)
+    return EmbeddingResult([result.refs[j] for j in keep], result.vectors[keep], failures, result.cached,
+                           result.features)

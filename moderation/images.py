@@ -45,11 +45,17 @@ MAX_ASPECT = 50.0
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One input image: its id (file stem or key stem), where it lives, and its content hash."""
+    """One input image: its id (file stem or key stem), where it lives, and its content hash.
+
+    ``fingerprint`` is what the listing says about the bytes without reading
+    them (size and ETag or mtime; "" when unknown): equal fingerprints of one
+    location mean unchanged bytes (:mod:`moderation.reference_changes`).
+    """
 
     image_id: str
     location: str  # file path or object key
     sha256: str = ""
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,46 @@ class ReferenceIndex:
             self.index.add(x)
             self.ids.extend(ids)
 
+    def remove(self, reference_ids: Iterable[str]) -> int:
+        """Delete ``reference_ids`` from the index in place; returns how many were there (others are ignored).
+
+        The remaining references keep their order and are renumbered 0..n-1,
+        so ``ids`` stays the position -> id map (for IVF the stored labels are
+        rewritten to match). Raises ModerationError for an index type FAISS
+        cannot remove from (HNSW): rebuild it instead.
+        """
+        drop = set(reference_ids)
+        gone = np.fromiter((i for i, rid in enumerate(self.ids) if rid in drop), dtype=np.int64)
+        if not len(gone):
+            return 0
+        faiss = load_faiss()
+        skipped = {self.ids[i] for i in self.skip}
+        try:
+            removed = self.index.remove_ids(gone)
+        except RuntimeError as exc:
+            raise ModerationError(f"a {self.factory!r} index cannot remove references ({exc}); "
+                                  "rebuild it in full") from None
+        if removed != len(gone):
+            raise ModerationError(f"FAISS removed {removed} of {len(gone)} references; the index is inconsistent")
+        keep = np.ones(len(self.ids), dtype=bool)
+        keep[gone] = False
+        try:
+            ivf = faiss.extract_index_ivf(self.index)
+        except RuntimeError:
+            ivf = None  # flat codes: FAISS compacts positions itself, in order
+        if ivf is not None:
+            # IVF lists keep the labels given at add time: map them onto the compacted positions.
+            new_pos = np.cumsum(keep) - 1
+            lists = ivf.invlists
+            for list_no in range(ivf.nlist):
+                size = lists.list_size(list_no)
+                if size:
+                    labels = faiss.rev_swig_ptr(lists.get_ids(list_no), size)
+                    labels[:] = new_pos[labels]
+        self.ids = [rid for rid, k in zip(self.ids, keep) if k]
+        self.skip = frozenset(i for i, rid in enumerate(self.ids) if rid in skipped)
+        return int(len(gone))
+
     @property
     def dim(self) -> int:
         return int(self.index.d)

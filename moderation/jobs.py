@@ -29,8 +29,8 @@ from moderation.config import Settings
 from moderation.db import Database, FlaggedPair, MatchRunRecord, connect
 from moderation.descriptor import resolve_device
 from moderation.embedding import EmbeddingResult, ImageSource, check_failure_rate, dedupe_ids, embed
-from moderation.errors import NotFoundError, VersionMismatchError
-from moderation.images import sha256_hex
+from moderation.errors import ModerationError, NotFoundError, VersionMismatchError
+from moderation.images import ImageRef, sha256_hex
 from moderation.layout import INDEX_DAG, STATS_DAG
 from moderation.index import ReferenceIndex, build_index
 from moderation.matching import Candidate, candidates_csv, flagged, verification_csv
@@ -210,59 +210,242 @@ def refresh_stats(p: Pipeline, source: ImageSource) -> StatsVersion:
     return record
 
 
-def build_reference_index(p: Pipeline, source: ImageSource) -> IndexVersion:
-    """Embed the references (new or changed ones only) and publish an index version.
+def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None = None,
+                          hints: Mapping[str, tuple[str, str]] | None = None) -> IndexVersion:
+    """Publish an index version of ``source``, reading only the references that are new or changed.
 
-    The index holds reference vectors post-processed by the statistics
-    version in force for the current model. Returns the index version in
-    force afterwards; an unchanged reference set republishes nothing.
+    Change detection (:mod:`moderation.reference_changes`): the source's
+    listing is compared with the manifest of the index version in force; a
+    reference with the same location and fingerprint keeps its sha256, and
+    its vector, PDQ hash and local features come from their caches by sha.
+    The rest are read once each (hash, decode, embed, PDQ and local features
+    from the same bytes). An unchanged reference missing from a cache is read
+    after all (logged). ``hints`` (location -> (fingerprint, sha256)) are shas
+    learned this run by the DAG's shards.
+
+    Incremental index (:mod:`moderation.incremental_index`): with the same
+    statistics version and factory, the previous index is updated (deleted
+    and changed ids removed, new vectors added); otherwise, or with ``full``
+    (default MODERATION_INDEX_FULL_REBUILD), it is built from every vector.
+    ``full`` also reads every reference again and publishes even an
+    unchanged set; otherwise an unchanged set republishes nothing. Both give
+    the same search results. Returns the version in force afterwards. Raises
+    BatchFailedError when too many references fail to decode,
+    ModerationError when none is left or the previous manifest is unreadable.
     """
+    from moderation.incremental_index import can_update, content_hash, held_vectors, update_index
+    from moderation.reference_changes import (MANIFEST_FILE, detect_changes, listed_refs, manifest_bytes,
+                                              read_manifest)
+
+    full = p.settings.index_full_rebuild if full is None else full
     model = p.current_model()
     stats = p.current_stats(model)
     p.db.record_stats(stats)  # the index row refers to it, and this database may not have seen it yet
     post, _ = p.load_stats(stats)
     loaded = p.load(model)
-    result = p.embed(loaded, source, "references", pdq=True)
-    check_failure_rate(result, p.settings.max_failure_rate, "reference set")
-    features = reference_features(p, source, result)
-    pdq_index = reference_pdq(p, result)
-    vectors = post.apply(result.vectors)
-    banks = assign_banks(source, result.refs)
+    factory = p.settings.index_factory
+    previous = p.registry.replaceable_current(Kind.INDEX, model_version=model.version)
+    manifest = None
+    if previous is not None and not full and MANIFEST_FILE in previous.files:
+        manifest = read_manifest(p.registry.load(Kind.INDEX, previous, MANIFEST_FILE))
+    changes = detect_changes(listed_refs(source), manifest, hints)
+    base = None
+    if manifest is not None:
+        ok, why = can_update(previous, stats.version, factory, len(changes.unchanged) + len(changes.added),
+                             p.settings.index_retrain_growth)
+        base = previous if ok else None
+        if not ok:
+            log.info("building the index in full: %s", why)
+    log.info("reference changes since %s: %s", previous.version if manifest is not None else "(none)",
+             changes.summary())
+    reader = _ReferenceReader(p, loaded, source)
+    # An unchanged reference's vector is needed only when the index is built from every vector;
+    # one whose sha a shard gave (hinted) is added, so its vector is always needed.
+    hinted = [r for r in changes.added if r.sha256]
+    fresh = reader.read(changes.to_read + reader.missing_from_caches(changes.unchanged, need_vectors=base is None)
+                        + reader.missing_from_caches(hinted, need_vectors=True))
+    failures = changes.duplicates + reader.failures
+    # A reference read this run counts as read: one that no longer decodes is a failure, not its old sha.
+    known = {r.image_id: r for r in changes.unchanged + hinted if r.image_id not in reader.attempted}
+    refs = [fresh.get(r.image_id) or known[r.image_id] for r in changes.unchanged + changes.added
+            if r.image_id in fresh or r.image_id in known]
+    refs.sort(key=lambda r: r.location)  # the listing's order, as a full build has always used
+    check_failure_rate(EmbeddingResult(refs, np.zeros((0, 0), np.float32), failures), p.settings.max_failure_rate,
+                       "reference set")
+    banks = assign_banks(source, refs)
     held = _held_out(p, banks)
-    keep = np.array([rid not in held for rid in result.ids], bool)
-    index = build_index(vectors[keep], [rid for rid, k in zip(result.ids, keep) if k], p.settings.index_factory)
-    index_bytes, ids_bytes = index.serialise()
-    locations = json.dumps({r.image_id: r.location for r in result.refs}, sort_keys=True).encode()
-    shas = json.dumps({r.image_id: r.sha256 for r in result.refs}, sort_keys=True).encode()
-    banks_bytes = json.dumps(banks, sort_keys=True).encode()
-    held_ids = json.dumps([rid for rid, k in zip(result.ids, keep) if not k]).encode()
-    held_buf = io.BytesIO()
-    np.save(held_buf, np.ascontiguousarray(vectors[~keep], np.float32), allow_pickle=False)
-    pdq_part = b"" if pdq_index is None else (
-        "\n".join(pdq_index.ids).encode() + pdq_index.codes.tobytes() + pdq_index.quality.tobytes())
-    content = sha256_hex(stats.version.encode() + p.settings.index_factory.encode()
-                         + ids_bytes + locations + vectors.tobytes() + banks_bytes + held_ids + pdq_part)
-    if current := _current_if_unchanged(p, Kind.INDEX, model, content):
+    content = content_hash(stats.version, factory, ((r.image_id, r.location, r.sha256, banks[r.image_id])
+                                                    for r in refs), held)
+    # A forced full build publishes what it built, even when the content is the same (a repair).
+    if not full and (current := _current_if_unchanged(p, Kind.INDEX, model, content)):
         log.info("reference set unchanged: index %s stays in force", current.version)
         p.db.record_index(current)
         register_banks(p.db, Counter(banks.values()), current.version)
         return current
+    by_id = {r.image_id: r for r in refs}
+    # A reference whose bytes were read this run may differ from the indexed one even under its old id.
+    stale = set(changes.replaced) | set(fresh)
+    base_held: dict[str, np.ndarray] = {}
+    kept = [r.image_id for r in refs if r.image_id not in held]
+    held_ids = [r.image_id for r in refs if r.image_id in held]
+
+    def vectors_of(ids: list[str]) -> np.ndarray:
+        return post.apply(reader.vectors([by_id[i] for i in ids]))
+
+    index, mode = None, "full"
+    if base is not None:
+        index, _ = p.load_index(base)
+        prev_held, prev_held_ids = p.index_held_out(base)
+        base_held = {rid: v for rid, v in zip(prev_held_ids, prev_held) if rid not in stale and rid in by_id}
+        try:
+            # Re-enabled references come back from the held-out file, not the cache.
+            counts = update_index(index, kept, stale,
+                                  lambda ids: held_vectors(ids, base_held, vectors_of, index.dim))
+            mode = "incremental"
+            log.info("updated index %s in place: %s", base.version, counts)
+        except ModerationError as exc:
+            log.info("building the index in full: %s", exc)
+            index, base_held = None, {}
+    if index is None:
+        if not kept:
+            raise ModerationError("no reference vectors to index")
+        index = build_index(vectors_of(kept), kept, factory)
+    trained = (base.info.get("trained_count") if mode == "incremental" else _trained_count(index))
+    held_vecs = held_vectors(held_ids, base_held, vectors_of, index.dim)
+    pdq_index = reference_pdq(p, refs)
+    index_bytes, ids_bytes = index.serialise()
+    held_buf = io.BytesIO()
+    np.save(held_buf, np.ascontiguousarray(held_vecs, np.float32), allow_pickle=False)
+    features = None if reader.features is None else {
+        "total": len(refs), "computed": reader.features["computed"], "failed": reader.features["failed"],
+        "cached": len(refs) - reader.features["computed"] - reader.features["failed"],
+        "config": reader.features["config"]}
     record = IndexVersion(version=new_version_id(content), model_version=model.version,
                           stats_version=stats.version, count=len(index), dim=index.dim,
-                          factory=p.settings.index_factory, content_sha256=content,
-                          info={"failures": _failure_summary(result), "cached": result.cached,
+                          factory=factory, content_sha256=content,
+                          info={"failures": {"count": len(failures), "images": [asdict(f) for f in failures[:1000]]},
+                                "cached": len(refs) - len(fresh) + reader.cached,
                                 "local_features": features, "banks": dict(Counter(banks.values())),
-                                "held_out": int((~keep).sum()),
+                                "held_out": len(held_ids), "build": mode, "changes": changes.summary(),
+                                "read": len(reader.attempted), "previous": previous.version if previous else None,
+                                "trained_count": trained, "retrain_growth": p.settings.index_retrain_growth,
                                 "pdq": None if pdq_index is None else {"hashes": len(pdq_index)}})
-    files = {"index.faiss": index_bytes, "ids.json": ids_bytes, "locations.json": locations, "shas.json": shas,
-             "banks.json": banks_bytes, "held_out.json": held_ids, "held_out.npy": held_buf.getvalue()}
+    files = {"index.faiss": index_bytes, "ids.json": ids_bytes,
+             "locations.json": json.dumps({r.image_id: r.location for r in refs}, sort_keys=True).encode(),
+             "shas.json": json.dumps({r.image_id: r.sha256 for r in refs}, sort_keys=True).encode(),
+             "banks.json": json.dumps(banks, sort_keys=True).encode(),
+             "held_out.json": json.dumps(held_ids).encode(), "held_out.npy": held_buf.getvalue(),
+             MANIFEST_FILE: manifest_bytes(refs)}
     if pdq_index is not None:
         files[PDQ_FILE] = pdq_index.to_bytes()
     record = p.registry.publish(Kind.INDEX, record, files)
     p.db.record_index(record)
     register_banks(p.db, Counter(banks.values()), record.version)
-    log.info("published index %s: %d references, factory %s", record.version, record.count, record.factory)
+    log.info("published index %s (%s): %d references, factory %s, %d read", record.version, mode, record.count,
+             record.factory, len(reader.attempted))
     return record
+
+
+def _trained_count(index: ReferenceIndex) -> int | None:
+    from moderation.incremental_index import trained_count
+
+    return trained_count(index)
+
+
+class _ReferenceReader:
+    """Reads references for an index build, each at most once, and serves their vectors.
+
+    :meth:`read` hashes, decodes, embeds and describes (PDQ, local features)
+    from one read of each image; :meth:`vectors` takes vectors from what was
+    read, else from the vector cache, reading an image whose cached vector
+    turned out missing or corrupt. ``attempted`` holds every id read.
+    """
+
+    def __init__(self, p: Pipeline, loaded: LoadedModel, source: ImageSource):
+        from moderation.local_features import FeatureCache
+        from moderation.two_stage import TwoStageConfig
+
+        self.p, self.loaded, self.source = p, loaded, source
+        self.settings = loaded.settings_for(p.settings)
+        self._cache: VectorCache | None = None
+        self.pdq = pdq_cache(p.store, Namespace.REFERENCES) if p.settings.pdq else None
+        self.feature_cache = (FeatureCache(p.store, TwoStageConfig.from_settings(p.settings).features)
+                              if p.settings.verify else None)
+        self._feature_known: frozenset[str] | None = None
+        self.features = None if self.feature_cache is None else {
+            "computed": 0, "failed": 0, "config": self.feature_cache.config.key()}
+        self.fresh: dict[str, np.ndarray] = {}
+        self.failures: list = []
+        self.attempted: set[str] = set()
+        self.cached = 0
+
+    @property
+    def cache(self) -> VectorCache:
+        if self._cache is None:  # its manifests are read only if a vector is needed
+            self._cache = VectorCache(self.p.store, self.loaded.version, Namespace.REFERENCES)
+        return self._cache
+
+    def feature_known(self) -> frozenset[str]:
+        if self._feature_known is None:
+            self._feature_known = frozenset(self.feature_cache.known())
+        return self._feature_known
+
+    def missing_from_caches(self, refs: list[ImageRef], *, need_vectors: bool) -> list[ImageRef]:
+        """The refs (sha known) lacking a cache entry this build needs: they must be read after all."""
+        if not refs:
+            return []
+        missing: dict[str, str] = {}
+        if need_vectors:
+            known = self.cache.known()
+            missing.update((r.image_id, "vector") for r in refs if r.sha256 not in known)
+        if self.pdq is not None:
+            known = self.pdq.known()
+            missing.update((r.image_id, "PDQ hash") for r in refs
+                           if r.sha256 not in known and r.image_id not in missing)
+        if self.feature_cache is not None:
+            known = self.feature_known()
+            missing.update((r.image_id, "local features") for r in refs
+                           if r.sha256 not in known and r.image_id not in missing)
+        for rid, what in list(missing.items())[:20]:
+            log.warning("reference %s is unchanged but its %s is not cached: reading it", rid, what)
+        if len(missing) > 20:
+            log.warning("... %d unchanged references in all are read for a missing cache entry", len(missing))
+        return [replace(r, sha256="") for r in refs if r.image_id in missing]
+
+    def read(self, refs: list[ImageRef]) -> dict[str, ImageRef]:
+        """Read ``refs`` (once each); returns id -> ref with its sha256 for those that decoded."""
+        if not refs:
+            return {}
+        self.attempted.update(r.image_id for r in refs)
+        result = embed(self.loaded.module, self.source, self.settings, cache=self.cache,
+                       device=resolve_device(self.settings.device.value), refs=refs, desc="embedding references",
+                       pdq_cache=self.pdq, feature_cache=self.feature_cache,
+                       feature_known=None if self.feature_cache is None else self.feature_known())
+        log.info("read %d references (%d vectors from cache, %d failed)", len(refs), result.cached,
+                 len(result.failures))
+        self.cached += result.cached
+        self.failures += result.failures
+        if result.features is not None:
+            self.features["computed"] += result.features["computed"]
+            self.features["failed"] += result.features["failed"]
+        self.fresh.update(zip(result.ids, result.vectors))
+        return {r.image_id: r for r in result.refs}
+
+    def vectors(self, refs: list[ImageRef]) -> np.ndarray:
+        """Raw vectors of ``refs`` in order (read this run, else from the cache, else read now)."""
+        out = [self.fresh.get(r.image_id) for r in refs]
+        for i, r in enumerate(refs):
+            if out[i] is None:
+                out[i] = self.cache.get(r.sha256)
+        lost = [r for r, v in zip(refs, out) if v is None]
+        if lost:
+            log.warning("%d cached reference vectors were missing or corrupt: reading those images", len(lost))
+            self.read([replace(r, sha256="") for r in lost])
+            out = [v if v is not None else self.fresh.get(r.image_id) for r, v in zip(refs, out)]
+            if any(v is None for v in out):
+                raise ModerationError("a reference whose cached vector was lost no longer decodes; "
+                                      "rebuild the index in full (`moderation index build --full`)")
+        return np.stack(out).astype(np.float32)
 
 
 def _held_out(p: Pipeline, banks: dict[str, str]) -> set[str]:
@@ -273,7 +456,7 @@ def _held_out(p: Pipeline, banks: dict[str, str]) -> set[str]:
     """
     held = read_controls(p.db).removed(banks)
     return held if len(held) < len(banks) else set()
-def reference_pdq(p: Pipeline, result: EmbeddingResult) -> PdqIndex | None:
+def reference_pdq(p: Pipeline, refs: list[ImageRef]) -> PdqIndex | None:
     """The references' PDQ hashes (from the PDQ cache the embedding filled); None if MODERATION_PDQ is off.
 
     A reference whose hash could not be computed is left out (logged).
@@ -281,9 +464,9 @@ def reference_pdq(p: Pipeline, result: EmbeddingResult) -> PdqIndex | None:
     if not p.settings.pdq:
         return None
     cache = pdq_cache(p.store, Namespace.REFERENCES)
-    items = [(r.image_id, h) for r in result.refs if (h := cached_hash(cache, r.sha256)) is not None]
-    if len(items) < len(result.refs):
-        log.warning("%d of %d references have no PDQ hash", len(result.refs) - len(items), len(result.refs))
+    items = [(r.image_id, h) for r in refs if (h := cached_hash(cache, r.sha256)) is not None]
+    if len(items) < len(refs):
+        log.warning("%d of %d references have no PDQ hash", len(refs) - len(items), len(refs))
     return PdqIndex.from_hashes(items)
 
 

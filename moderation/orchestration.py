@@ -29,13 +29,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from moderation import quality
 from moderation.config import Settings
 from moderation.embedding import StoreSource
 from moderation.errors import (BatchFailedError, ConfigError, EmptyBatchError, MissingPrerequisiteError,
                                ModerationError, NotFoundError, VersionMismatchError)
 from moderation.images import IMAGE_SUFFIXES, sha256_hex
-from moderation.jobs import (Pipeline, build_reference_index, calibrate_labelled, reference_features, refresh_stats,
+from moderation.jobs import (Pipeline, build_reference_index, calibrate_labelled, refresh_stats,
                              run_matching)
 # Defined in the import-free layout module so the DAG files can read them at parse time; kept
 # importable from here, where the task code and the tests look for them.
@@ -302,13 +304,16 @@ def _version_before(registry: Registry, kind: Kind, **pins: str) -> str | None:
 
 
 def plan_reference_index(settings: Settings, *, prefix: str = REFERENCES_PREFIX, keys_per_shard: int = 2000,
-                         max_shards: int = 16, model_version: str | None = None) -> dict[str, Any]:
-    """Pin model + statistics in force, list the references, split them into shards.
+                         max_shards: int = 16, model_version: str | None = None, full: bool = False) -> dict[str, Any]:
+    """Pin model + statistics in force, list the references, split the new and changed ones into shards.
 
+    The listing is compared with the manifest of the index version in force
+    (:mod:`moderation.reference_changes`; pinned in the plan as
+    ``previous_index``), so the shards carry only what must be read; with
+    ``full`` (or MODERATION_INDEX_FULL_REBUILD) they carry every reference.
     Raises MissingPrerequisiteError (a NotFoundError) naming the statistics
     DAG when the model has no statistics yet, found from the registry before
-    anything is registered or loaded, and BatchFailedError when the prefix is
-    empty.
+    anything is registered or loaded, and BatchFailedError when the prefix is empty.
     """
     p = open_pipeline(settings, model_version)
     pinned = model_version or _current_version(p.registry, Kind.MODEL)
@@ -322,48 +327,137 @@ def plan_reference_index(settings: Settings, *, prefix: str = REFERENCES_PREFIX,
     if stats.model_version != model.version:
         raise VersionMismatchError(f"statistics {stats.version} belong to model {stats.model_version}, "
                                    f"not {model.version}")
-    keys = list_images(p.store, prefix)
-    if not keys:
+    full = full or settings.index_full_rebuild
+    previous = None if full else _version_before(p.registry, Kind.INDEX, model_version=model.version)
+    listed, changed = _changed_references(p, prefix, previous, model.version)
+    if not listed:
         raise BatchFailedError(f"no reference images under {prefix!r} in {p.store.url}")
-    count = shard_count(len(keys), keys_per_shard, max_shards)
-    pins = {"model_version": model.version, "stats_version": stats.version, "prefix": prefix}
-    return {**pins, "n_keys": len(keys),
+    count = shard_count(len(changed), keys_per_shard, max_shards)
+    pins = {"model_version": model.version, "stats_version": stats.version, "prefix": prefix,
+            "previous_index": previous, "full": full}
+    log.info("%d references, %d new or changed since %s, in %d shards", len(listed), len(changed),
+             previous or "(no index)", count)
+    return {**pins, "n_keys": len(listed), "n_changed": len(changed),
             "shards": [{**pins, "index": i, "count": count} for i in range(count)]}
+
+
+def _changed_references(p: Pipeline, prefix: str, previous: str | None, model_version: str):
+    """(every listed reference, the ones to read): those ``previous`` (an index version, or None) lacks as they are."""
+    from moderation.reference_changes import MANIFEST_FILE, detect_changes, read_manifest
+
+    listed = StoreSource(p.settings, prefix).listed()
+    manifest = None
+    if previous:
+        record = p.registry.manifest(Kind.INDEX, previous, model_version=model_version)
+        if MANIFEST_FILE in record.files:
+            manifest = read_manifest(p.registry.load(Kind.INDEX, record, MANIFEST_FILE))
+    return listed, detect_changes(listed, manifest).to_read
+
+
+# A shard reads its images this many at a time and holds their bytes until they are profiled,
+# embedded and described: each image is fetched once, and memory stays bounded.
+READ_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class _FetchedSource:
+    """Images already fetched, by key (what one chunk of a shard read); picklable for decode workers."""
+
+    data: Mapping[str, bytes]
+
+    def refs(self):
+        from moderation.images import ImageRef, image_id_from
+
+        return [ImageRef(image_id_from(k), k) for k in self.data]
+
+    def read(self, location: str) -> bytes:
+        return self.data[location]
 
 
 def embed_reference_shard(settings: Settings, shard: Mapping[str, Any], *, run_id: str,
                           limits: quality.QualityLimits | None = None) -> dict[str, Any]:
-    """Profile and embed one shard of the references into the shared vector cache.
+    """Profile, embed and describe one shard of the new or changed references, reading each once.
 
-    Reads: the shard's images. Writes: the shard's quality profile
-    (``quality/profiles/references/RUN/shard-N.csv``), new vectors in
-    ``embeddings/MODEL/references/`` and, with verification on, new local features in
-    ``features/CONFIG/``. Fails on non-finite, wrong-size or non-unit vectors.
+    The shard's references are those :func:`plan_reference_index` found new or
+    changed against the plan's ``previous_index``. Reads: the shard's images,
+    once each (profile, sha256, vector, PDQ hash and local features from the
+    same bytes). Writes: the shard's quality profile
+    (``quality/profiles/references/RUN/shard-N.csv``), the sha256 it read per
+    key and fingerprint (``shard-N.refs.json``, for the build task), new
+    vectors in ``embeddings/MODEL/references/`` and, with verification on,
+    new local features in ``features/CONFIG/``. Fails on non-finite,
+    wrong-size or non-unit vectors.
     """
+    from moderation.embedding import embed
+    from moderation.local_features import FeatureCache
+    from moderation.pdq import pdq_cache
+    from moderation.two_stage import TwoStageConfig
+    from moderation.vector_cache import VectorCache
+
     p = open_pipeline(settings, shard["model_version"])
     model = p.current_model()
+    loaded = p.load(model)
     index, count = int(shard["index"]), int(shard["count"])
-    keys = [k for k in list_images(p.store, shard["prefix"]) if shard_of(k, count) == index]
-    profile = quality.profile_images(p.store.get, keys, max_pixels=settings.max_image_pixels,
-                                     max_bytes=settings.max_file_bytes)
-    profile_key = f"{PROFILES_PREFIX}references/{run_slug(run_id)}/shard-{index:05d}.csv"
-    p.store.put(profile_key, quality.profile_to_csv(profile), "text/csv")
-    good = tuple(profile.loc[profile["decoded"], "key"])
-    out = {"model_version": model.version, "index": index, "keys": len(keys), "embedded": 0,
-           "cached": 0, "failed": len(keys) - len(good), "profile_key": profile_key}
-    if good:
-        source = StoreSource(settings, shard["prefix"], keys=good)
-        result = p.embed(p.load(model), source, f"reference shard {index + 1}/{count}")
-        quality.check_embeddings(result.vectors, model.dim, "references", limits).raise_for_failure()
-        out.update(embedded=len(result.refs), cached=result.cached, failed=out["failed"] + len(result.failures))
-        # The verifier's local features, per shard too: the build task then finds them all cached.
-        out["local_features"] = reference_features(p, source, result)
+    _, changed = _changed_references(p, shard["prefix"], shard.get("previous_index"), model.version)
+    refs = [r for r in changed if shard_of(r.location, count) == index]
+    slug = f"{PROFILES_PREFIX}references/{run_slug(run_id)}/shard-{index:05d}"
+    profile_key, refs_key = f"{slug}.csv", f"{slug}.refs.json"
+    embed_settings = loaded.settings_for(settings)
+    cache = VectorCache(p.store, model.version, Namespace.REFERENCES)
+    hashes = pdq_cache(p.store, Namespace.REFERENCES) if settings.pdq else None
+    features = FeatureCache(p.store, TwoStageConfig.from_settings(settings).features) if settings.verify else None
+    profiles, hints, vectors = [], [], []
+    counts = {"embedded": 0, "cached": 0, "failed": 0, "computed": 0, "features_failed": 0}
+    for start in range(0, len(refs), READ_CHUNK):
+        chunk = refs[start:start + READ_CHUNK]
+        fetched: dict[str, bytes] = {}
+
+        def fetch(key: str) -> bytes:
+            fetched[key] = p.store.get(key)
+            return fetched[key]
+
+        profile = quality.profile_images(fetch, [r.location for r in chunk], max_pixels=settings.max_image_pixels,
+                                         max_bytes=settings.max_file_bytes)
+        profiles.append(profile)
+        good = set(profile.loc[profile["decoded"], "key"])
+        counts["failed"] += len(chunk) - len(good)
+        todo = [r for r in chunk if r.location in good]
+        if not todo:
+            continue
+        result = embed(loaded.module, _FetchedSource({r.location: fetched[r.location] for r in todo}),
+                       embed_settings, cache=cache, refs=todo, pdq_cache=hashes, feature_cache=features,
+                       desc=f"reference shard {index + 1}/{count}")
+        vectors.append(result.vectors)
+        counts["embedded"] += len(result.refs)
+        counts["cached"] += result.cached
+        counts["failed"] += len(result.failures)
+        if result.features is not None:
+            counts["computed"] += result.features["computed"]
+            counts["features_failed"] += result.features["failed"]
+        hints += [[r.location, r.fingerprint, r.sha256] for r in result.refs if r.fingerprint]
+    import pandas as pd
+
+    frame = pd.concat(profiles, ignore_index=True) if profiles else quality.profile_images(p.store.get, [])
+    p.store.put(profile_key, quality.profile_to_csv(frame), "text/csv")
+    p.store.put(refs_key, json.dumps({"model_version": model.version, "refs": hints}).encode(), "application/json")
+    if vectors:
+        quality.check_embeddings(np.concatenate(vectors), model.dim, "references", limits).raise_for_failure()
+    out = {"model_version": model.version, "index": index, "keys": len(refs), "embedded": counts["embedded"],
+           "cached": counts["cached"], "failed": counts["failed"], "profile_key": profile_key, "refs_key": refs_key}
+    if features is not None:
+        out["local_features"] = {"total": counts["embedded"], "computed": counts["computed"],
+                                 "failed": counts["features_failed"],
+                                 "cached": counts["embedded"] - counts["computed"] - counts["features_failed"]}
     return out
 
 
 def check_reference_batch(settings: Settings, plan: Mapping[str, Any], shards: Sequence[Mapping[str, Any]],
                           limits: quality.QualityLimits | None = None) -> dict[str, Any]:
-    """The batch gate over the whole reference set (all shards' profiles); refuses mixed models."""
+    """The batch gate over the references the shards read (the new and changed ones); refuses mixed models.
+
+    With nothing new or changed there is nothing to gate: passes with 0 images.
+    Passes on the shards' ``refs_keys`` for the build task.
+    """
     import pandas as pd
 
     mixed = sorted({s["model_version"] for s in shards} - {plan["model_version"]})
@@ -372,17 +466,24 @@ def check_reference_batch(settings: Settings, plan: Mapping[str, Any], shards: S
     store = open_store(settings)
     frames = [quality.profile_from_csv(store.get(s["profile_key"])) for s in shards]
     frame = pd.concat(frames, ignore_index=True) if frames else quality.profile_from_csv(b"")
+    refs_keys = [s["refs_key"] for s in shards if s.get("refs_key")]
+    if not len(frame):
+        return {"what": "references", "images": 0, "decoded": 0, "duplicates": 0, "reasons": {},
+                "summary": "no new or changed references: nothing to gate", "refs_keys": refs_keys}
     result = quality.check_image_batch(frame, "references", limits).raise_for_failure()
-    return {**result.info, "summary": result.summary()}
+    return {**result.info, "summary": result.summary(), "refs_keys": refs_keys}
 
 
-def build_index_version(settings: Settings, plan: Mapping[str, Any]) -> dict[str, Any]:
+def build_index_version(settings: Settings, plan: Mapping[str, Any],
+                        checked: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Build and publish the index for the plan's model with the plan's statistics.
 
-    Reads: references (vectors from the cache), ``stats/MODEL/STATS``.
-    Writes: ``indexes/MODEL/INDEX/`` then its pointer (only if the reference
-    set or statistics changed), index_versions row. Raises
-    VersionMismatchError if the statistics in force changed since planning.
+    Reads: the reference listing, the previous index version's manifest, the
+    shas the shards read (``checked["refs_keys"]``), vectors, PDQ hashes and
+    local features from their caches, ``stats/MODEL/STATS``; an image only
+    if a cache lacks it. Writes: ``indexes/MODEL/INDEX/`` then its pointer
+    (only if the reference set or statistics changed), index_versions row.
+    Raises VersionMismatchError if the statistics in force changed since planning.
     """
     p = open_pipeline(settings, plan["model_version"])
     model = p.current_model()
@@ -390,14 +491,20 @@ def build_index_version(settings: Settings, plan: Mapping[str, Any]) -> dict[str
     if stats.version != plan["stats_version"]:
         raise VersionMismatchError(f"statistics for model {model.version} moved from {plan['stats_version']} "
                                    f"to {stats.version} during this run; rerun the index DAG")
+    hints: dict[str, tuple[str, str]] = {}
+    for key in (checked or {}).get("refs_keys", []):
+        shard_refs = json.loads(p.store.get(key))
+        if shard_refs["model_version"] == model.version:
+            hints.update((loc, (fp, sha)) for loc, fp, sha in shard_refs["refs"])
     before = _version_before(p.registry, Kind.INDEX, model_version=model.version)
-    index = build_reference_index(p, StoreSource(settings, plan["prefix"]))
+    index = build_reference_index(p, StoreSource(settings, plan["prefix"]), full=bool(plan.get("full")),
+                                  hints=hints)
     if (index.model_version, index.stats_version) != (plan["model_version"], plan["stats_version"]):
         raise VersionMismatchError(f"index {index.version} pins {index.model_version}/{index.stats_version}, "
                                    f"expected {plan['model_version']}/{plan['stats_version']}")
     return {"model_version": index.model_version, "stats_version": index.stats_version,
             "index_version": index.version, "count": index.count, "changed": index.version != before,
-            "previous": before}
+            "previous": before, "read": index.info.get("read"), "build": index.info.get("build")}
 
 
 def calibrate_if_labelled(settings: Settings, built: Mapping[str, Any], *,

@@ -51,11 +51,25 @@ def validate_key(key: str) -> str:
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One listed object: its key, size in bytes and last-modified time (UTC; None if unknown)."""
+    """One listed object: its key, size in bytes, last-modified time (UTC; None if unknown) and ETag.
+
+    ``etag`` is the server's entity tag (S3; quotes stripped), or on the local
+    store a stand-in from size and mtime in nanoseconds; "" where unknown.
+    """
 
     key: str
     size: int
     modified: datetime | None
+    etag: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        """What changes when the object's bytes change, known from the listing alone ("" if unknown).
+
+        Size plus ETag: an S3 ETag of a multipart upload is not an MD5 of the
+        bytes, but it still changes whenever the object is written again.
+        """
+        return f"{self.size}:{self.etag}" if self.etag else ""
 
 
 class ObjectStore(ABC):
@@ -172,7 +186,8 @@ class LocalStore(ObjectStore):
                 st = self._path(key).stat()
             except FileNotFoundError:  # deleted since the listing
                 continue
-            yield ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
+            yield ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc),
+                             f"mtime_ns={st.st_mtime_ns}")
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -266,7 +281,8 @@ class S3Store(ObjectStore):
         start = len(self.prefix)
         objs = self._call("list", lambda: list(self.client.list_objects(
             self.bucket, prefix=self.prefix + prefix, recursive=True)))
-        found = [ObjectInfo(o.object_name[start:], int(o.size or 0), _utc(o.last_modified))
+        found = [ObjectInfo(o.object_name[start:], int(o.size or 0), _utc(o.last_modified),
+                            (o.etag or "").strip('"'))
                  for o in objs if not o.is_dir]
         yield from sorted(found, key=lambda e: e.key)
 

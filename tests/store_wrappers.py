@@ -27,6 +27,9 @@ class PassThrough(ObjectStore):
     def list(self, prefix=""):
         return self.inner.list(prefix)
 
+    def entries(self, prefix=""):
+        return self.inner.entries(prefix)
+
     def delete(self, key):
         self.inner.delete(key)
 

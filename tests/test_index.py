@@ -143,3 +143,68 @@ def test_bad_factory_is_a_clear_error():
 def test_ivf_with_too_few_vectors_to_train():
     with pytest.raises(ModerationError, match="cannot train 'IVF256,Flat' on 10 vectors"):
         build_index(unit(10, 8), [str(i) for i in range(10)], factory="IVF256,Flat")
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
+def test_remove_then_add_answers_like_a_fresh_build(factory):
+    """Removing and adding in place keeps positions and ids aligned: searches equal a build of the same set."""
+    x = unit(400, 16)
+    ids = [f"r{i}" for i in range(400)]
+    index = build_index(x, ids, factory=factory, nprobe=4)  # nprobe = nlist: exhaustive, comparable to exact
+    gone = {f"r{i}" for i in range(0, 400, 7)} | {"r399", "r0", "not-there"}
+    assert index.remove(gone) == len(gone) - 1
+    extra = unit(30, 16, seed=5)
+    index.add(extra, [f"n{i}" for i in range(30)])
+    index = ReferenceIndex.deserialise(*index.serialise())  # what the next version loads
+    keep = [i for i, rid in enumerate(ids) if rid not in gone]
+    expect_x = np.concatenate([x[keep], extra])
+    expect_ids = [ids[i] for i in keep] + [f"n{i}" for i in range(30)]
+    assert index.ids == expect_ids and len(index) == len(expect_ids)
+    q = np.concatenate([unit(10, 16, seed=3), x[:5], extra[:3]])
+    scores, got = index.search(q, 5)
+    want_s, want_i = brute_force(expect_x, q, 5)
+    assert got == [[expect_ids[j] for j in row] for row in want_i]
+    np.testing.assert_allclose(scores, want_s, atol=1e-5)
+
+
+def test_remove_keeps_the_skip_list_on_the_same_references():
+    x = unit(50, 8)
+    index = build_index(x, [f"r{i}" for i in range(50)]).without({"r10", "r20"})
+    index.remove({"r5"})
+    assert {index.ids[i] for i in index.skip} == {"r10", "r20"}
+    assert "r10" not in index.search(x[10:11], 3)[1][0]
+
+
+def test_remove_from_an_index_that_cannot_is_a_clear_error():
+    index = build_index(unit(50, 8), [f"r{i}" for i in range(50)], factory="HNSW8")
+    with pytest.raises(ModerationError, match="rebuild it in full"):
+        index.remove({"r1"})
+
+
+def test_retraining_follows_the_growth_factor():
+    from moderation.incremental_index import can_update
+    from moderation.registry import IndexVersion
+
+    prev = IndexVersion(version="v", model_version="m", stats_version="s", count=100, dim=8, factory="IVF4,Flat",
+                        info={"trained_count": 100})
+    assert can_update(prev, "s", "IVF4,Flat", 200, 2.0) == (True, "")
+    ok, why = can_update(prev, "s", "IVF4,Flat", 201, 2.0)
+    assert not ok and "retraining" in why
+    assert not can_update(prev, "s2", "IVF4,Flat", 100, 2.0)[0]  # new statistics: every vector changes
+    assert not can_update(prev, "s", "Flat", 100, 2.0)[0]
+    flat = IndexVersion(version="v", model_version="m", stats_version="s", count=100, dim=8, factory="Flat",
+                        info={"trained_count": None})
+    assert can_update(flat, "s", "Flat", 10_000, 2.0)[0]  # nothing trained: no retraining ever
+
+
+def test_content_hash_is_order_free_and_sees_every_field():
+    from moderation.incremental_index import content_hash
+
+    rows = [("a", "k/a.jpg", "1" * 64, "default"), ("b", "k/b.jpg", "2" * 64, "default")]
+    base = content_hash("s", "Flat", rows, [])
+    assert content_hash("s", "Flat", reversed(rows), []) == base
+    assert content_hash("s2", "Flat", rows, []) != base
+    assert content_hash("s", "IVF4,Flat", rows, []) != base
+    assert content_hash("s", "Flat", rows, ["a"]) != base
+    assert content_hash("s", "Flat", [rows[0], ("b", "k/b.jpg", "3" * 64, "default")], []) != base
+    assert content_hash("s", "Flat", [rows[0], ("b", "k/b.jpg", "2" * 64, "partner")], []) != base

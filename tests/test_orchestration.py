@@ -246,6 +246,40 @@ def test_matching_without_an_index_names_the_dag_that_builds_it(empty_settings):
     assert "reference_index_nightly" in str(caught.value)
 
 
+def test_nightly_shards_carry_only_changed_references(settings):
+    """The second night: shards get only the new and changed keys, and the build reads no image."""
+    from moderation.registry import Kind
+    from moderation.store import open_store
+
+    p = orch.open_pipeline(settings)
+    model = orch.serving_model(p).version
+    store = open_store(settings)
+    plan = orch.plan_reference_index(settings, keys_per_shard=5, model_version=model)
+    assert (plan["n_keys"], plan["n_changed"], len(plan["shards"])) == (12, 0, 1)
+    idle = orch.embed_reference_shard(settings, plan["shards"][0], run_id="manual__n1")
+    assert (idle["keys"], idle["embedded"]) == (0, 0)
+    checked = orch.check_reference_batch(settings, plan, [idle])
+    assert checked["images"] == 0
+    assert orch.build_index_version(settings, plan, checked)["changed"] is False
+
+    keys = sorted(store.list("references/"))
+    store.put("references/R9999.jpg", store.get("background/B0000.jpg"))
+    store.put(keys[0], store.get("background/B0001.jpg"))
+    store.delete(keys[1])
+    plan = orch.plan_reference_index(settings, keys_per_shard=1, model_version=model)
+    assert (plan["n_keys"], plan["n_changed"], len(plan["shards"])) == (12, 2, 2)
+    shards = [orch.embed_reference_shard(settings, s, run_id="manual__n2") for s in plan["shards"]]
+    assert sum(s["keys"] for s in shards) == sum(s["embedded"] for s in shards) == 2
+    checked = orch.check_reference_batch(settings, plan, shards)
+    assert checked["images"] == 2
+    built = orch.build_index_version(settings, plan, checked)
+    assert built["changed"] and built["count"] == 12
+    assert (built["build"], built["read"]) == ("incremental", 0)  # the shards' shas: nothing read twice
+    index = p.registry.manifest(Kind.INDEX, built["index_version"], model_version=model)
+    ids = set(p.load_index(index)[0].ids)
+    assert "R9999" in ids and keys[1].rsplit("/", 1)[-1][:-4] not in ids
+
+
 def test_matching_prerequisites_follow_the_serving_chain(settings):
     """Runs last in this file: it takes the index pointer away from the chain the tests above built."""
     from moderation.errors import MissingPrerequisiteError
@@ -264,3 +298,4 @@ def test_matching_prerequisites_follow_the_serving_chain(settings):
     assert caught.value.producer == "reference_index_nightly"
     with pytest.raises(MissingPrerequisiteError):  # and nothing gets embedded for nothing
         orch.embed_query_batch(settings, "queries/2026-01-01/")
+

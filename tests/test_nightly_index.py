@@ -1,0 +1,198 @@
+"""Nightly index builds read only what changed, on Postgres and an S3 server on loopback.
+
+Every object read from the store is counted by a wrapper around the real
+store (the one the pipeline uses and the one the image source's reads go
+through). A second build with nothing changed reads no image; with one new,
+one changed and one deleted reference it reads exactly the two changed
+objects once each; the incremental index answers like a full rebuild.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from conftest import fast_env, s3_env
+from local_images import textured
+from store_wrappers import PassThrough
+
+N_REFS = 8
+
+
+class ReadCounter(PassThrough):
+    """The real store, counting the objects and bytes fetched under ``references/``."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.reads: Counter[str] = Counter()
+        self.bytes = 0
+
+    def get(self, key):
+        data = self.inner.get(key)
+        if key.startswith("references/"):
+            self.reads[key] += 1
+            self.bytes += len(data)
+        return data
+
+    def reset(self):
+        self.reads.clear()
+        self.bytes = 0
+
+
+def jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    textured(seed, size=(256, 192)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pipeline(pg_url, s3_server, tmp_path_factory):
+    from moderation import embedding
+    from moderation.config import Settings
+    from moderation.db import connect
+    from moderation.embedding import FolderSource
+    from moderation.jobs import Pipeline, refresh_stats
+    from moderation.store import open_store
+
+    root = tmp_path_factory.mktemp("nightly")
+    (root / "background").mkdir()
+    for i in range(12):
+        textured(8100 + i, shapes=50 + i).save(root / "background" / f"B{i}.jpg", quality=92)
+    env = {**fast_env(tmp_path_factory.mktemp("nightly-home")), **s3_env(s3_server, "nightly-e2e"),
+           "MODERATION_DATABASE_URL": pg_url, "MODERATION_VIEWS": "full", "MODERATION_MAX_LOCAL_FEATURES": "64"}
+    settings = Settings.from_env(env)
+    store = ReadCounter(open_store(settings))
+    for i in range(N_REFS):
+        store.put(f"references/R{i}.jpg", jpeg(8000 + i))
+    # The source's reads go through the same counted store (workers are off: one process).
+    embedding._STORES[settings.store_url] = store
+    p = Pipeline(settings, store, connect(settings.database_url))
+    refresh_stats(p, FolderSource(root / "background"))
+    yield p
+    embedding._STORES.pop(settings.store_url, None)
+    p.db.engine.dispose()
+
+
+def _search_all(p, version, queries):
+    index, _ = p.load_index(version)
+    scores, ids = index.search(queries, 5)
+    return scores, ids
+
+
+def test_second_build_reads_nothing_and_changes_are_read_once(pipeline):
+    from moderation.embedding import StoreSource
+    from moderation.jobs import build_reference_index
+    from moderation.local_features import FeatureCache
+    from moderation.reference_changes import MANIFEST_FILE, read_manifest
+    from moderation.registry import Kind
+    from moderation.two_stage import TwoStageConfig
+
+    p = pipeline
+    store: ReadCounter = p.store
+    source = StoreSource(p.settings, "references/")
+
+    first = build_reference_index(p, source)
+    assert first.count == N_REFS and MANIFEST_FILE in first.files
+    # Each reference read once: hash, vector, PDQ and local features from the same bytes.
+    assert store.reads == Counter({f"references/R{i}.jpg": 1 for i in range(N_REFS)})
+    assert first.info["local_features"]["computed"] == N_REFS and first.info["pdq"] == {"hashes": N_REFS}
+    manifest = read_manifest(p.registry.load(Kind.INDEX, first, MANIFEST_FILE))
+    assert all(e.fingerprint and len(e.sha256) == 64 for e in manifest.values())
+
+    store.reset()
+    again = build_reference_index(p, source)
+    assert again.version == first.version
+    assert store.bytes == 0 and not store.reads
+
+    # One new, one changed (same key, new bytes), one deleted.
+    store.put("references/R_new.jpg", jpeg(8900))
+    store.put("references/R1.jpg", jpeg(8901))
+    store.delete("references/R2.jpg")
+    store.reset()
+    nightly = build_reference_index(p, source)
+    assert store.reads == Counter({"references/R_new.jpg": 1, "references/R1.jpg": 1})
+    assert nightly.info["build"] == "incremental"
+    assert nightly.info["changes"] == {"unchanged": N_REFS - 2, "new": 1, "changed": 1, "deleted": 1, "to_read": 2}
+    index, locations = p.load_index(nightly)
+    assert "R2" not in index.ids and "R2" not in locations and "R_new" in index.ids and len(index) == N_REFS
+    shas = p.index_shas(nightly)
+    assert shas["R1"] != p.index_shas(first)["R1"]
+    features = FeatureCache(p.store, TwoStageConfig.from_settings(p.settings).features)
+    assert not features.missing(list(shas.values()))
+
+    # A full rebuild reads every reference once and answers every query the same way.
+    store.reset()
+    full = build_reference_index(p, source, full=True)
+    assert full.info["build"] == "full" and full.version != nightly.version
+    assert store.reads == Counter({k: 1 for k in locations.values()})
+    rng = np.random.default_rng(0)
+    full_index, _ = p.load_index(full)
+    queries = np.concatenate([full_index.index.reconstruct_n(0, len(full_index)),
+                              rng.standard_normal((20, full_index.dim)).astype(np.float32)])
+    s_inc, ids_inc = _search_all(p, nightly, queries)
+    s_full, ids_full = _search_all(p, full, queries)
+    assert ids_inc == ids_full
+    np.testing.assert_allclose(s_inc, s_full, rtol=0, atol=1e-5)
+
+
+def test_missing_cache_entry_of_an_unchanged_reference_is_read(pipeline):
+    from moderation.embedding import StoreSource
+    from moderation.jobs import build_reference_index
+    from moderation.local_features import FeatureCache
+    from moderation.two_stage import TwoStageConfig
+
+    p = pipeline
+    store: ReadCounter = p.store
+    source = StoreSource(p.settings, "references/")
+    before = build_reference_index(p, source)
+    features = FeatureCache(p.store, TwoStageConfig.from_settings(p.settings).features)
+    sha = p.index_shas(before)["R3"]
+    store.delete(features.key(sha))
+    store.reset()
+    build_reference_index(p, source)
+    assert store.reads == Counter({"references/R3.jpg": 1})
+    assert not features.missing([sha])
+
+
+def test_full_rebuild_setting_reads_everything(pipeline):
+    from dataclasses import replace
+
+    from moderation.embedding import StoreSource
+    from moderation.jobs import Pipeline, build_reference_index
+
+    p = pipeline
+    store: ReadCounter = p.store
+    forced = Pipeline(replace(p.settings, index_full_rebuild=True), store, p.db)
+    store.reset()
+    version = build_reference_index(forced, StoreSource(p.settings, "references/"))
+    assert version.info["build"] == "full"
+    assert set(store.reads.values()) == {1} and len(store.reads) == version.count
+
+
+def test_ivf_index_grows_in_place_until_the_growth_factor_then_retrains(pipeline):
+    from dataclasses import replace
+
+    from moderation.embedding import StoreSource
+    from moderation.jobs import Pipeline, build_reference_index
+
+    p = pipeline
+    store: ReadCounter = p.store
+    ivf = Pipeline(replace(p.settings, index_factory="IVF2,Flat", index_retrain_growth=1.2), store, p.db)
+    source = StoreSource(p.settings, "references/")
+    first = build_reference_index(ivf, source)  # the factory changed: a full build, trained on all
+    assert first.info["build"] == "full" and first.info["trained_count"] == first.count
+    store.put("references/R_ivf1.jpg", jpeg(8950))
+    store.reset()
+    grown = build_reference_index(ivf, source)  # within 1.2 x the trained count: added in place
+    assert grown.info["build"] == "incremental" and grown.info["trained_count"] == first.count
+    assert grown.count == first.count + 1 and store.reads == Counter({"references/R_ivf1.jpg": 1})
+    assert "R_ivf1" in p.load_index(grown)[0].ids
+    store.put("references/R_ivf2.jpg", jpeg(8951))
+    store.put("references/R_ivf3.jpg", jpeg(8952))
+    store.reset()
+    retrained = build_reference_index(ivf, source)
+    assert retrained.info["build"] == "full" and retrained.info["trained_count"] == first.count + 3
+    assert store.reads == Counter({"references/R_ivf2.jpg": 1, "references/R_ivf3.jpg": 1})
