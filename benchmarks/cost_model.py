@@ -98,6 +98,10 @@ def _edited(img, rng):
 
 def measure(n: int, out: Path) -> dict:
     """Measure the unit costs on ``n`` generated JPEGs (references) and ``n`` edited copies (queries)."""
+    import os
+
+    # Idle OpenMP threads would spin and be counted as work on a shared machine.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     from PIL import Image
 
