@@ -95,15 +95,23 @@ class ReferenceIndex:
         try:
             return self.index.search(q, k, params=_selector_params(faiss, self.index, selector, self.nprobe))
         except (RuntimeError, TypeError):
-            # An index type without selector support: fetch enough to drop the skipped positions.
-            scores, idx = self.index.search(q, min(k + len(skip), len(self)))
-            keep = ~np.isin(idx, skip)
-            out_s = np.full((q.shape[0], k), -np.inf, np.float32)
-            out_i = np.full((q.shape[0], k), -1, np.int64)
-            for row in range(q.shape[0]):
-                s_row, i_row = scores[row][keep[row]][:k], idx[row][keep[row]][:k]
-                out_s[row, :len(s_row)], out_i[row, :len(i_row)] = s_row, i_row
-            return out_s, out_i
+            # An index type without selector support.
+            return self._search_dropping(q, k)
+
+    def _search_dropping(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Fetch enough to drop the skipped positions (for index types that take no selector)."""
+        faiss = load_faiss()
+        skip = np.fromiter(sorted(self.skip), dtype=np.int64)
+        wide = min(k + len(skip), len(self))
+        params = _ivf_params(faiss, self.index, None, self.nprobe)
+        scores, idx = self.index.search(q, wide) if params is None else self.index.search(q, wide, params=params)
+        keep = ~np.isin(idx, skip)
+        out_s = np.full((q.shape[0], k), -np.inf, np.float32)
+        out_i = np.full((q.shape[0], k), -1, np.int64)
+        for row in range(q.shape[0]):
+            s_row, i_row = scores[row][keep[row]][:k], idx[row][keep[row]][:k]
+            out_s[row, :len(s_row)], out_i[row, :len(i_row)] = s_row, i_row
+        return out_s, out_i
 
     def serialise(self) -> tuple[bytes, bytes]:
         faiss = load_faiss()
