@@ -249,7 +249,7 @@ def build_reference_index(p: Pipeline, source: ImageSource) -> IndexVersion:
         return current
     record = IndexVersion(version=new_version_id(content), model_version=model.version,
                           stats_version=stats.version, count=len(index), dim=index.dim,
-                          factory=p.settings.index_factory, content_sha256=content,
+                          factory=index.factory, content_sha256=content,
                           info={"failures": _failure_summary(result), "cached": result.cached,
                                 "local_features": features, "banks": dict(Counter(banks.values())),
                                 "held_out": int((~keep).sum()),
