@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="reference index").add_subparsers(dest="sub", required=True)
     p = index.add_parser("build", help="embed the references and publish a new index version")
     _add_images(p, "reference images")
-    p.add_argument("--factory", help="FAISS index_factory string (MODERATION_INDEX_FACTORY), default Flat")
+    p.add_argument("--factory", help="`auto` or a FAISS index_factory string (MODERATION_INDEX_FACTORY), default auto")
     p.set_defaults(func=cmd_index_build)
 
     p = sub.add_parser("calibrate", help="evaluate on a labelled query set and store the 90%%-precision threshold")
