@@ -38,6 +38,7 @@ class ReferenceIndex:
     factory: str = "Flat"
     skip: frozenset[int] = field(default_factory=frozenset)
     nprobe: int | None = None
+    mapped: bool = False  # memory-mapped from a file (load(mmap=True)): read-only
 
     def without(self, reference_ids: Iterable[str]) -> ReferenceIndex:
         """This index (shared, not copied) with searches that never return ``reference_ids``.
@@ -48,7 +49,14 @@ class ReferenceIndex:
         return replace(self, skip=frozenset(i for i, rid in enumerate(self.ids) if rid in drop))
 
     def add(self, vectors: np.ndarray, ids: list[str]) -> None:
-        """Append vectors (already post-processed, as at build) under ``ids``; ModerationError on a clash."""
+        """Append vectors (already post-processed, as at build) under ``ids``.
+
+        ModerationError on a clash, or on a memory-mapped index (read-only).
+        """
+        if self.mapped:
+            # FAISS aborts the process on a write to mapped codes; refuse before it gets there.
+            raise ModerationError("this index is memory-mapped and read-only; load it with mmap=False to add "
+                                  "references to it")
         if set(ids) & set(self.ids) or len(set(ids)) != len(ids):
             raise ModerationError("reference ids must be unique")
         x = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -118,7 +126,10 @@ class ReferenceIndex:
         return faiss.serialize_index(self.index).tobytes(), self._meta()
 
     def _meta(self) -> bytes:
-        return json.dumps({"ids": self.ids, "factory": self.factory, "nprobe": self.nprobe}).encode()
+        meta = {"ids": self.ids, "factory": self.factory}
+        if self.nprobe is not None:  # absent otherwise: a Flat index's id list keeps its bytes (and content hash)
+            meta["nprobe"] = self.nprobe
+        return json.dumps(meta).encode()
 
     @classmethod
     def deserialise(cls, index_bytes: bytes, ids_bytes: bytes) -> ReferenceIndex:
@@ -138,8 +149,9 @@ class ReferenceIndex:
         ``mmap=True`` maps the file instead of reading it: the vectors stay
         in the page cache, shared by every process that maps the same file,
         and are paged in as searches touch them. The file must outlive the
-        index and must not be rewritten meanwhile. Index types FAISS cannot
-        map are read into memory as usual. Raises ModerationError if the
+        index and must not be rewritten meanwhile; a mapped index is
+        read-only (:meth:`add` raises). Index types FAISS cannot map are
+        read into memory as usual. Raises ModerationError if the
         file is missing or is not a FAISS index, or disagrees with the ids.
         """
         faiss = load_faiss()
@@ -152,7 +164,7 @@ class ReferenceIndex:
             index = faiss.read_index(str(path), flags)
         except RuntimeError as exc:
             raise ModerationError(f"{path} is not a readable FAISS index ({str(exc).splitlines()[0]})") from None
-        return cls._from_parts(index, ids_bytes)
+        return replace(cls._from_parts(index, ids_bytes), mapped=mmap)
 
     @classmethod
     def _from_parts(cls, index, ids_bytes: bytes) -> ReferenceIndex:

@@ -51,6 +51,9 @@ def merge_shards(shards: Sequence[ReferenceIndex]) -> ReferenceIndex:
     if not shards:
         raise ModerationError("no shards to merge")
     first = shards[0]
+    if any(shard.mapped for shard in shards):
+        raise ModerationError("a memory-mapped shard cannot be merged (its lists are read-only): load the shards "
+                              "with mmap=False, or search them together")
     fingerprint = _codec_fingerprint(faiss, first.index)
     for other in shards[1:]:
         if other.factory != first.factory or other.dim != first.dim \

@@ -243,6 +243,19 @@ def test_shards_from_different_templates_or_sharing_ids_are_refused():
         build_shard(a, [])
 
 
+def test_mapped_shards_are_not_merged(tmp_path):
+    x = clustered(2000)
+    ids = ids_of(2000)
+    template = train_empty_index(chunked(x, ids, [2000]), 2000, "IVF8,SQ8", IndexOptions(train_size=1000))
+    a = build_shard(template, [(x[:1000], ids[:1000])])
+    b = build_shard(template, [(x[1000:], ids[1000:])])
+    meta = b.save(tmp_path / "b.faiss")
+    mapped_b = ReferenceIndex.load(tmp_path / "b.faiss", meta, mmap=True)
+    with pytest.raises(ModerationError, match="memory-mapped shard cannot be merged"):
+        merge_shards([a, mapped_b])
+    assert len(a) == 1000  # refused before anything moved
+
+
 # --- memory-mapped loading --------------------------------------------------------------------------------
 
 def _resident_mib() -> float:
@@ -267,8 +280,12 @@ def test_mmap_load_searches_the_same_without_reading_the_file(tmp_path, factory)
     got = mapped.search(q, 5)
     assert got[1] == want[1] and mapped.factory == factory
     np.testing.assert_allclose(got[0], want[0], atol=1e-6)
+    with pytest.raises(ModerationError, match="memory-mapped and read-only"):
+        mapped.add(x[:1], ["new"])  # FAISS itself would abort the process
     read = ReferenceIndex.load(tmp_path / "index.faiss", meta)
     assert read.search(q, 5)[1] == want[1]
+    read.add(x[:1], ["new"])
+    assert len(read) == n + 1
 
 
 def test_load_explains_a_missing_or_foreign_file(tmp_path):
