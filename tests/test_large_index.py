@@ -15,7 +15,7 @@ from moderation.faiss_import import load_faiss
 from moderation.index import ReferenceIndex, build_index
 from moderation.index_config import IndexOptions, auto_nlist, auto_nprobe, plan_index
 from moderation.index_shards import build_shard, merge_shards, search_together
-from moderation.index_stream import build_index_streaming, row_keys, train_empty_index
+from moderation.index_stream import _Sample, build_index_streaming, row_keys, train_empty_index
 from moderation.statistics import l2n
 
 faiss = load_faiss()
@@ -135,10 +135,17 @@ def test_disabled_references_on_ivf_are_dropped_exactly(factory, one_thread):
 
 # --- streamed build ---------------------------------------------------------------------------------------
 
-def test_sample_rows_do_not_depend_on_chunking():
+def test_sample_rows_do_not_depend_on_chunking_and_the_sample_stays_bounded():
     whole = row_keys(0, 1000)
     assert np.array_equal(np.concatenate([row_keys(0, 300), row_keys(300, 700)]), whole)
     assert len(np.unique(whole)) == 1000
+    x = clustered(1000)
+    sample = _Sample(100)
+    for start in range(0, 1000, 70):
+        sample.offer(start, x[start:start + 70])
+        assert len(sample.vectors) <= 100  # never more than the sample, whatever has been read
+    want = np.sort(np.argsort(whole)[:100])
+    np.testing.assert_array_equal(sample.in_row_order(), x[want])
 
 
 @pytest.mark.parametrize("factory", ["IVF32,SQ8", "IVF32,PQ8", "Flat", "IVF64_HNSW32,SQ8"])
@@ -156,7 +163,7 @@ def test_streamed_build_equals_in_memory_build(factory, one_thread):
     assert streamed.serialise()[0] == memory.serialise()[0]  # the very same index
 
 
-def test_streamed_build_never_holds_more_than_one_chunk_and_the_sample():
+def test_streamed_build_reads_the_source_in_two_passes_of_chunks():
     x = clustered(6000)
     ids = ids_of(6000)
     seen_arrays: list[int] = []
