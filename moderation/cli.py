@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="reference index").add_subparsers(dest="sub", required=True)
     p = index.add_parser("build", help="embed the references and publish a new index version")
     _add_images(p, "reference images")
-    p.add_argument("--factory", help="FAISS index_factory string (MODERATION_INDEX_FACTORY), default Flat")
+    p.add_argument("--factory", help="`auto` or a FAISS index_factory string (MODERATION_INDEX_FACTORY), default auto")
     p.add_argument("--full", action="store_true",
                    help="read every reference and rebuild from every vector, not only what the listing shows "
                         "changed (MODERATION_INDEX_FULL_REBUILD)")

@@ -85,7 +85,11 @@ class Settings:
     sn_neighbors: int = 3
     postprocess: Postprocess = Postprocess.WHITEN
     whiten_dim: int = 0  # 0: keep the descriptor's dimension
-    index_factory: str = "Flat"
+    # Reference index (moderation.index_config): `auto` is Flat below index_flat_max vectors, IVF + SQ8 above.
+    index_factory: str = "auto"
+    index_flat_max: int = 1_000_000
+    index_nprobe: int = 0  # IVF lists probed per query (0: chosen by the number of lists)
+    index_train_size: int = 0  # vectors the index trains on (0: 40 per IVF list)
     # Nightly index builds (moderation.reference_changes, moderation.incremental_index): read every reference
     # and rebuild from every vector instead of reading only what the listing shows changed; and how far an
     # IVF/PQ index may grow past the count its quantiser was trained on before a build retrains it.
@@ -177,7 +181,10 @@ class Settings:
             raise ConfigError("MODERATION_MAX_LOCAL_FEATURES must be at least 16")
         if not 0 <= self.pdq_max_distance <= 256 or not 0 <= self.pdq_min_quality <= 100:
             raise ConfigError("MODERATION_PDQ_MAX_DISTANCE must be 0-256 and MODERATION_PDQ_MIN_QUALITY 0-100")
+        from moderation.index_config import IndexOptions
         from moderation.views import ViewConfig
+
+        IndexOptions.from_settings(self)  # ConfigError naming the out-of-range index setting
 
         ViewConfig.parse(self.views)  # ConfigError naming the unknown view kinds
         return replace(self, home=home, database_url=db, store_url=store)

@@ -1,10 +1,12 @@
 """The reference index: FAISS build, serialise, search.
 
 Vectors are unit-norm, so inner product is cosine similarity. The factory
-string is FAISS's ``index_factory`` syntax: ``Flat`` (exact, the default),
-``IVF4096,Flat``, ``IVF4096,PQ64``, ``HNSW32``... Positions in the index map
-to reference ids through ``ids`` (kept beside the index), stable for the
-life of an index version.
+string is ``auto`` (chosen by size, see :mod:`moderation.index_config`) or
+FAISS's ``index_factory`` syntax: ``Flat`` (exact), ``IVF4096,SQ8``,
+``IVF4096,PQ64``, ``HNSW32``... Positions in the index map to reference ids
+through ``ids`` (kept beside the index), stable for the life of an index
+version. Building from chunks without holding every vector is
+:mod:`moderation.index_stream`; shards, :mod:`moderation.index_shards`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -25,13 +28,17 @@ class ReferenceIndex:
 
     ``skip`` holds positions that searches pass over (operators' removal
     list, applied at search time so a disabled reference stops matching
-    without a rebuild); see :meth:`without`.
+    without a rebuild); see :meth:`without`. ``factory`` is the resolved
+    factory string (never ``auto``). ``nprobe``: inverted lists each search
+    visits (None: not an IVF index, or the value stored in the index).
     """
 
     index: object  # faiss.Index
     ids: list[str]
     factory: str = "Flat"
     skip: frozenset[int] = field(default_factory=frozenset)
+    nprobe: int | None = None
+    mapped: bool = False  # memory-mapped from a file (load(mmap=True)): read-only
 
     def without(self, reference_ids: Iterable[str]) -> ReferenceIndex:
         """This index (shared, not copied) with searches that never return ``reference_ids``.
@@ -42,7 +49,14 @@ class ReferenceIndex:
         return replace(self, skip=frozenset(i for i, rid in enumerate(self.ids) if rid in drop))
 
     def add(self, vectors: np.ndarray, ids: list[str]) -> None:
-        """Append vectors (already post-processed, as at build) under ``ids``; ModerationError on a clash."""
+        """Append vectors (already post-processed, as at build) under ``ids``.
+
+        ModerationError on a clash, or on a memory-mapped index (read-only).
+        """
+        if self.mapped:
+            # FAISS aborts the process on a write to mapped codes; refuse before it gets there.
+            raise ModerationError("this index is memory-mapped and read-only; load it with mmap=False to add "
+                                  "references to it")
         if set(ids) & set(self.ids) or len(set(ids)) != len(ids):
             raise ModerationError("reference ids must be unique")
         x = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -118,47 +132,116 @@ class ReferenceIndex:
         return scores, ids
 
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if not self.skip:
-            return self.index.search(q, k)
         faiss = load_faiss()
+        if not self.skip:
+            # Passed per call, not set on the index: searches from several threads share one index.
+            params = _ivf_params(faiss, self.index, None, self.nprobe)
+            return self.index.search(q, k) if params is None else self.index.search(q, k, params=params)
         skip = np.fromiter(sorted(self.skip), dtype=np.int64)
         batch = faiss.IDSelectorBatch(skip)
         selector = faiss.IDSelectorNot(batch)
         try:
-            return self.index.search(q, k, params=_selector_params(faiss, self.index, selector))
+            return self.index.search(q, k, params=_selector_params(faiss, self.index, selector, self.nprobe))
         except (RuntimeError, TypeError):
-            # An index type without selector support: fetch enough to drop the skipped positions.
-            scores, idx = self.index.search(q, min(k + len(skip), len(self)))
-            keep = ~np.isin(idx, skip)
-            out_s = np.full((q.shape[0], k), -np.inf, np.float32)
-            out_i = np.full((q.shape[0], k), -1, np.int64)
-            for row in range(q.shape[0]):
-                s_row, i_row = scores[row][keep[row]][:k], idx[row][keep[row]][:k]
-                out_s[row, :len(s_row)], out_i[row, :len(i_row)] = s_row, i_row
-            return out_s, out_i
+            # An index type without selector support.
+            return self._search_dropping(q, k)
+
+    def _search_dropping(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Fetch enough to drop the skipped positions (for index types that take no selector)."""
+        faiss = load_faiss()
+        skip = np.fromiter(sorted(self.skip), dtype=np.int64)
+        wide = min(k + len(skip), len(self))
+        params = _ivf_params(faiss, self.index, None, self.nprobe)
+        scores, idx = self.index.search(q, wide) if params is None else self.index.search(q, wide, params=params)
+        keep = ~np.isin(idx, skip)
+        out_s = np.full((q.shape[0], k), -np.inf, np.float32)
+        out_i = np.full((q.shape[0], k), -1, np.int64)
+        for row in range(q.shape[0]):
+            s_row, i_row = scores[row][keep[row]][:k], idx[row][keep[row]][:k]
+            out_s[row, :len(s_row)], out_i[row, :len(i_row)] = s_row, i_row
+        return out_s, out_i
 
     def serialise(self) -> tuple[bytes, bytes]:
         faiss = load_faiss()
-        return (faiss.serialize_index(self.index).tobytes(),
-                json.dumps({"ids": self.ids, "factory": self.factory}).encode())
+        return faiss.serialize_index(self.index).tobytes(), self._meta()
+
+    def _meta(self) -> bytes:
+        meta = {"ids": self.ids, "factory": self.factory}
+        if self.nprobe is not None:  # absent otherwise: a Flat index's id list keeps its bytes (and content hash)
+            meta["nprobe"] = self.nprobe
+        return json.dumps(meta).encode()
 
     @classmethod
     def deserialise(cls, index_bytes: bytes, ids_bytes: bytes) -> ReferenceIndex:
         faiss = load_faiss()
         index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
+        return cls._from_parts(index, ids_bytes)
+
+    def save(self, index_path: Path | str) -> bytes:
+        """Write the FAISS index to a local file (for :meth:`load`); returns the id list's bytes to keep beside it."""
+        load_faiss().write_index(self.index, str(index_path))
+        return self._meta()
+
+    @classmethod
+    def load(cls, index_path: Path | str, ids_bytes: bytes, *, mmap: bool = False) -> ReferenceIndex:
+        """An index from a local file written by :meth:`save` (or :meth:`serialise`'s bytes saved as a file).
+
+        ``mmap=True`` maps the file instead of reading it: the vectors stay
+        in the page cache, shared by every process that maps the same file,
+        and are paged in as searches touch them. The file must outlive the
+        index and must not be rewritten meanwhile; a mapped index is
+        read-only (:meth:`add` raises). Index types FAISS cannot map are
+        read into memory as usual. Raises ModerationError if the
+        file is missing or is not a FAISS index, or disagrees with the ids.
+        """
+        faiss = load_faiss()
+        path = Path(index_path)
+        if not path.is_file():
+            raise ModerationError(f"index file {path} does not exist; write it with ReferenceIndex.save first")
+        # IO_FLAG_MMAP_IFC ("in-file codes") maps both flat codes and IVF lists; IO_FLAG_MMAP maps only the latter.
+        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        try:
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError as exc:
+            raise ModerationError(f"{path} is not a readable FAISS index ({str(exc).splitlines()[0]})") from None
+        return replace(cls._from_parts(index, ids_bytes), mapped=mmap)
+
+    @classmethod
+    def _from_parts(cls, index, ids_bytes: bytes) -> ReferenceIndex:
         meta = json.loads(ids_bytes)
         if len(meta["ids"]) != index.ntotal:
             raise ModerationError("index and id list disagree in length; the artifact is corrupt")
-        return cls(index, meta["ids"], meta.get("factory", "Flat"))
+        return cls(index, meta["ids"], meta.get("factory", "Flat"), nprobe=meta.get("nprobe"))
 
 
-def _selector_params(faiss, index, selector):
-    """Search parameters carrying ``selector``, of the type the index expects (IVF and HNSW keep their own knobs)."""
+def ivf_of(faiss, index):
+    """The IVF inside ``index`` (behind a transform or refinement too), or None."""
     try:
-        ivf = faiss.extract_index_ivf(index)
-        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+        return faiss.extract_index_ivf(index)
     except RuntimeError:
-        pass
+        return None
+
+
+def _ivf_params(faiss, index, selector, nprobe: int | None):
+    """SearchParametersIVF for an IVF index (``nprobe`` or the index's own), else None."""
+    ivf = ivf_of(faiss, index)
+    if ivf is None:
+        return None
+    nprobe = nprobe or ivf.nprobe
+    params = faiss.SearchParametersIVF(nprobe=nprobe) if selector is None else \
+        faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+    if getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None) is not None:
+        # An HNSW coarse quantizer must return nprobe good lists, not just the nearest few; its own
+        # efSearch stays low because adding millions of vectors assigns each through the same graph.
+        params.quantizer_params = faiss.SearchParametersHNSW(efSearch=max(16, 2 * nprobe))
+    return params
+
+
+def _selector_params(faiss, index, selector, nprobe: int | None = None):
+    """Search parameters carrying ``selector``, of the type the index expects (IVF and HNSW keep their own knobs)."""
+    params = _ivf_params(faiss, index, selector, nprobe)
+    if params is not None:
+        return params
     hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
     if hnsw is not None:
         return faiss.SearchParametersHNSW(sel=selector, efSearch=hnsw.efSearch)
@@ -166,33 +249,21 @@ def _selector_params(faiss, index, selector):
 
 
 def build_index(vectors: np.ndarray, ids: list[str], factory: str = "Flat",
-                nprobe: int = 16) -> ReferenceIndex:
+                nprobe: int | None = None, *, options=None) -> ReferenceIndex:
     """Build an inner-product index over ``vectors`` (n, d) with reference ``ids``.
 
-    Trains the index on the vectors themselves when the factory needs it.
-    Raises ModerationError on mismatched lengths, duplicate ids, or an IVF
-    factory with fewer vectors than it needs to train.
+    ``factory`` ``auto`` resolves by size (:func:`moderation.index_config.plan_index`
+    with ``options``, default: those of ``Settings.from_env()``); the
+    result's ``factory`` is the resolved string. ``nprobe`` overrides the
+    planned one. A factory that needs training trains on the planned sample
+    of the vectors (the same rows :func:`moderation.index_stream.build_index_streaming`
+    picks, so both builds are identical). Raises ModerationError on
+    mismatched lengths, duplicate ids, an invalid factory, or an IVF factory
+    with fewer vectors than it needs to train.
     """
-    faiss = load_faiss()
+    from moderation.index_stream import build_index_streaming
+
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if x.ndim != 2 or len(ids) != x.shape[0]:
         raise ModerationError(f"{len(ids)} ids for {x.shape[0] if x.ndim == 2 else '?'} vectors")
-    if len(set(ids)) != len(ids):
-        raise ModerationError("reference ids must be unique")
-    if x.shape[0] == 0:
-        raise ModerationError("no reference vectors to index")
-    try:
-        index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise ModerationError(f"invalid FAISS factory string {factory!r}: {exc}") from None
-    if not index.is_trained:
-        try:
-            index.train(x)
-        except RuntimeError as exc:
-            raise ModerationError(f"cannot train {factory!r} on {x.shape[0]} vectors: {exc}") from None
-    index.add(x)
-    try:
-        faiss.extract_index_ivf(index).nprobe = nprobe
-    except RuntimeError:
-        pass  # not an IVF index
-    return ReferenceIndex(index, list(ids), factory)
+    return build_index_streaming(lambda: [(x, list(ids))], x.shape[0], factory, options, nprobe=nprobe)

@@ -33,6 +33,7 @@ from moderation.errors import ModerationError, NotFoundError, VersionMismatchErr
 from moderation.images import ImageRef, sha256_hex
 from moderation.layout import INDEX_DAG, STATS_DAG
 from moderation.index import ReferenceIndex, build_index
+from moderation.index_config import IndexOptions, plan_index
 from moderation.matching import Candidate, candidates_csv, flagged, verification_csv
 from moderation.metrics import read_ground_truth
 from moderation.model_versions import LoadedModel, ensure_current_model, load_model
@@ -243,12 +244,15 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
     p.db.record_stats(stats)  # the index row refers to it, and this database may not have seen it yet
     post, _ = p.load_stats(stats)
     loaded = p.load(model)
-    factory = p.settings.index_factory
     previous = p.registry.replaceable_current(Kind.INDEX, model_version=model.version)
     manifest = None
     if previous is not None and not full and MANIFEST_FILE in previous.files:
         manifest = read_manifest(p.registry.load(Kind.INDEX, previous, MANIFEST_FILE))
     changes = detect_changes(listed_refs(source), manifest, hints)
+    # `auto` resolves by size (Flat, IVF with more lists as the set grows): an update in place needs the
+    # previous version's resolved factory to be the one this size calls for.
+    options = IndexOptions.from_settings(p.settings)
+    factory = plan_index(len(changes.unchanged) + len(changes.added), p.settings.index_factory, options).factory
     base = None
     if manifest is not None:
         ok, why = can_update(previous, stats.version, factory, len(changes.unchanged) + len(changes.added),
@@ -309,7 +313,7 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
     if index is None:
         if not kept:
             raise ModerationError("no reference vectors to index")
-        index = build_index(vectors_of(kept), kept, factory)
+        index = build_index(vectors_of(kept), kept, factory, options=options)
     trained = (base.info.get("trained_count") if mode == "incremental" else _trained_count(index))
     held_vecs = held_vectors(held_ids, base_held, vectors_of, index.dim)
     pdq_index = reference_pdq(p, refs)
@@ -322,7 +326,7 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
         "config": reader.features["config"]}
     record = IndexVersion(version=new_version_id(content), model_version=model.version,
                           stats_version=stats.version, count=len(index), dim=index.dim,
-                          factory=factory, content_sha256=content,
+                          factory=index.factory, content_sha256=content,
                           info={"failures": {"count": len(failures), "images": [asdict(f) for f in failures[:1000]]},
                                 "cached": len(refs) - len(fresh) + reader.cached,
                                 "local_features": features, "banks": dict(Counter(banks.values())),

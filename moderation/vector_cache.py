@@ -31,7 +31,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -219,6 +219,44 @@ class VectorCache:
         for sha, vec in zip(shas, vectors):
             self._vectors.setdefault(sha, vec)
         self._forget(manifest.shas)
+
+    def stream(self, shas: Collection[str] | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
+        """(shas, vectors) part by part, for a build that must not hold every vector at once.
+
+        Yields each stored part holding any of ``shas`` (all parts if None)
+        once, restricted to the requested shas that this cache answers from
+        that part, then the vectors held in memory (added or loaded) as a
+        last chunk. Every sha comes at most once, in a stable order (part
+        key order). Nothing is kept: memory is one part at a time. A part
+        that is missing or fails its check is dropped as :meth:`get` drops
+        it, and its shas are not yielded: the caller compares counts and
+        embeds the missing images again.
+        """
+        want = None if shas is None else set(shas)
+        for key in sorted({k for sha, k in self._where.items() if want is None or sha in want}):
+            manifest = self._manifests.get(key)
+            if manifest is None:
+                continue
+            try:
+                data = self.store.get(key)
+            except NotFoundError:
+                log.info("vector cache: part %s disappeared (swept or dropped elsewhere)", key)
+                self._manifests.pop(key, None)
+                self._forget([s for s in manifest.shas if self._where.get(s) == key])
+                continue
+            try:
+                part_shas, vectors = _check_part(data, manifest)
+            except ValueError as exc:
+                self._manifests.pop(key, None)
+                self._drop(key, str(exc), manifest)
+                continue
+            take = [i for i, sha in enumerate(part_shas)
+                    if self._where.get(sha) == key and sha not in self._vectors and (want is None or sha in want)]
+            if take:
+                yield [part_shas[i] for i in take], vectors[take]
+        held = [sha for sha in self._vectors if want is None or sha in want]
+        if held:
+            yield held, np.stack([self._vectors[sha] for sha in held])
 
     def _forget(self, shas: Iterable[str]) -> None:
         for sha in shas:

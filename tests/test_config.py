@@ -20,7 +20,8 @@ def test_defaults_live_under_home(tmp_path):
     assert s.cache_dir == home.resolve() / "cache"
     assert (s.device, s.resize_mode, s.postprocess) == (Device.AUTO, ResizeMode.SQUARE, Postprocess.WHITEN)
     assert (s.batch_size, s.workers, s.image_size, s.topk) == (32, 2, 320, 10)
-    assert (s.sn_beta, s.sn_neighbors, s.index_factory, s.threshold) == (1.0, 3, "Flat", 0.0)
+    assert (s.sn_beta, s.sn_neighbors, s.index_factory, s.threshold) == (1.0, 3, "auto", 0.0)
+    assert (s.index_flat_max, s.index_nprobe, s.index_train_size) == (1_000_000, 0, 0)
     assert s.max_failure_rate == 0.2 and s.max_image_pixels == 64_000_000 and s.progress is True
 
 

@@ -133,6 +133,8 @@ def test_index_tasks_pin_versions_and_refuse_mixing(settings):
 
     built = orch.build_index_version(settings, plan)
     assert built["changed"] and built["count"] == 12
+    pinned = orch.open_pipeline(settings)
+    assert pinned.current_index(pinned.current_model()).factory == "Flat"  # `auto` is recorded resolved
     from moderation.store import open_store
 
     store = open_store(settings)
