@@ -18,8 +18,9 @@ Images: generated scenes (:func:`make_scenes`); queries are cropped, shrunk, re-
   local features plain and mirrored, PDQ), and verification per candidate pair;
 - storage per reference: cached vector, local features, PDQ hash.
 
-``table`` combines them with the index figures of ``benchmarks/large_index_bench.py`` (search
-time per query, bytes per reference of the index, at 10M) and, where a GPU run left them
+``table`` combines them with the index figures of ``benchmarks/large_index_bench.py`` (exact and
+IVF search time, bytes per reference of the index, at 10M; wall seconds on its machine's cores,
+counted as CPU seconds x cores) and, where a GPU run left them
 (``benchmarks/gpu_bench.py --out benchmarks/results/gpu_bench.json``), GPU throughput. A figure
 that was not measured is printed as such, never guessed. The scaling rules are in
 :func:`project`.
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
 UNIT_COSTS = RESULTS / "unit_costs.json"
-LARGE_INDEX = RESULTS / "large_index_bench.json"
+LARGE_INDEX = RESULTS / "large_index_10M.json"
 GPU = RESULTS / "gpu_bench.json"
 SIZES = (1_000_000, 10_000_000, 100_000_000)
 
@@ -184,17 +185,19 @@ def _load() -> list[float]:
 
 
 def project(costs: dict, index: dict | None, gpu: dict | None, *, queries_per_day: int,
-            new_fraction: float) -> list[dict]:
+            new_fraction: float, flat_max: int = 1_000_000) -> list[dict]:
     """One row per reference count in SIZES.
 
     Rules (each from a measured figure, scaled linearly in what it counts):
     - nightly reference work = new references x (embed + PDQ + local features) CPU seconds; a full
       build is the same per image over all references;
-    - query work per day = queries x (analysis + verify_topk x verification) CPU seconds, plus the
-      search: per-query search seconds of the large-index benchmark at its size, scaled by
-      references / its size for exact search and kept constant for IVF (nprobe lists of a size that
-      grows with the index: nlist is chosen from the size) - both are stated in the output;
-    - storage per reference: cached vector + local features + PDQ + the index's bytes per reference.
+    - query work per day = queries x (analysis + verify_topk x verification) CPU seconds;
+    - search per day = queries x views per query x the per-search CPU seconds of the index ``auto``
+      builds at that size (Flat below ``flat_max``, else the IVF default), scaled linearly from the
+      large-index benchmark's size: exact search scans every vector, and the IVF default probes
+      1/64 of the lists (``max(16, nlist/64)``), so it too scans a fixed share of the vectors;
+    - storage: cached vector + local features + PDQ per reference, and the index's bytes per
+      reference (Flat: 4 bytes a dimension; IVF: measured).
     GPU: hours of a full build's descriptor pass at ``gpu_bench.py``'s end-to-end images/s, when a
     GPU run left its JSON (not a dry run).
     """
@@ -212,11 +215,13 @@ def project(costs: dict, index: dict | None, gpu: dict | None, *, queries_per_da
                "queries_cpu_hours_per_day": queries_per_day * per_query / 3600,
                "cache_gb": n * (b["vector"] + b["local_features"] + b["pdq"]) / 1e9}
         if index:
-            scale = n / index["references"]
-            row["index_gb"] = n * index["index_bytes_per_reference"] / 1e9
-            row["search_cpu_hours_per_day_exact"] = queries_per_day * index["exact_seconds_per_query"] * scale / 3600
-            row["search_cpu_hours_per_day_ivf"] = queries_per_day * index["ivf_seconds_per_query"] / 3600 \
-                * costs["views_per_query"]
+            from moderation.index_config import auto_factory
+
+            row["index"] = auto_factory(n, flat_max)
+            exact = row["index"] == "Flat"
+            per_search = index["exact_cpu_s_per_search" if exact else "ivf_cpu_s_per_search"] * n / index["references"]
+            row["index_gb"] = n * (b["vector"] if exact else index["index_bytes_per_reference"]) / 1e9
+            row["search_cpu_hours_per_day"] = queries_per_day * costs["views_per_query"] * per_search / 3600
         if gpu_ips:
             row["full_build_gpu_hours_descriptor"] = n / gpu_ips / 3600
         rows.append(row)
@@ -224,11 +229,18 @@ def project(costs: dict, index: dict | None, gpu: dict | None, *, queries_per_da
 
 
 def _index_figures() -> dict | None:
-    """Per-query search time and bytes per reference at the large-index benchmark's size, if it ran."""
+    """Per-search CPU seconds (wall x cores) and bytes per reference at the large-index benchmark's size."""
     if not LARGE_INDEX.exists():
         return None
     data = json.loads(LARGE_INDEX.read_text())
-    return data.get("cost_model")
+    cores = data.get("cpu_count", 1)
+    default = data["configs"]["default"]
+    at = default["at"]["auto_nprobe"]  # the nprobe the library uses, not the one tuned on the synthetic data
+    exact = data["exact"]
+    return {"references": data["n"], "factory": f"{default['factory']} (nprobe {at['nprobe']})",
+            "index_bytes_per_reference": default["index_bytes"] / data["n"],
+            "exact_cpu_s_per_search": exact["exact_search_s"] / exact["exact_queries"] * cores,
+            "ivf_cpu_s_per_search": at["search_s"] / at["queries"] * cores}
 
 
 def table(queries_per_day: int, new_fraction: float) -> str:
@@ -239,18 +251,19 @@ def table(queries_per_day: int, new_fraction: float) -> str:
     cpu = costs["cpu_seconds"]
     lines = [f"Unit costs (CPU seconds; {costs['model']} at {costs['image_size']} px, views "
              f"{costs['views']} = {costs['views_per_query']:.1f} per query, {costs['local_features']}):",
-             *(f"- {k}: {v * 1000:.1f} ms" for k, v in cpu.items()), "",
+             *(f"- {k}: {v * 1000:.1f} ms" for k, v in cpu.items()),
+             *([f"- search at {index['references']:,} references: exact {index['exact_cpu_s_per_search'] * 1000:.0f} ms, "
+                f"{index['factory']} {index['ivf_cpu_s_per_search'] * 1000:.2f} ms"] if index else []), "",
              f"| references | full build (CPU-h) | nightly, {new_fraction:.0%} new (CPU-h) | "
-             f"{queries_per_day:,} queries/day: analysis + verification (CPU-h) | search/day exact (CPU-h) | "
-             "search/day IVF (CPU-h) | vectors + features + PDQ (GB) | index (GB) | full build on GPU (h) |",
+             f"{queries_per_day:,} queries/day: analysis + verification (CPU-h) | index (`auto`) | "
+             "search/day (CPU-h) | vectors + features + PDQ (GB) | index (GB) | full build on GPU (h) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def f(key, fmt="{:,.1f}"):
             return fmt.format(r[key]) if key in r else "not measured"
-        lines.append(f"| {r['references']:,} | {f('full_build_cpu_hours')} | {f('nightly_cpu_hours')} | "
-                     f"{f('queries_cpu_hours_per_day')} | {f('search_cpu_hours_per_day_exact')} | "
-                     f"{f('search_cpu_hours_per_day_ivf')} | {f('cache_gb')} | {f('index_gb')} | "
-                     f"{f('full_build_gpu_hours_descriptor', '{:,.2f}')} |")
+        lines.append(f"| {r['references']:,} | {f('full_build_cpu_hours', '{:,.0f}')} | {f('nightly_cpu_hours')} | "
+                     f"{f('queries_cpu_hours_per_day')} | {f('index', '`{}`')} | {f('search_cpu_hours_per_day')} | "
+                     f"{f('cache_gb', '{:,.0f}')} | {f('index_gb')} | {f('full_build_gpu_hours_descriptor', '{:,.2f}')} |")
     return "\n".join(lines)
 
 

@@ -22,12 +22,12 @@ COSTS = {"cpu_seconds": {"reference_embed": 0.2, "reference_pdq": 0.01, "referen
                          "query_analysis": 1.0, "verify_pair": 0.02},
          "bytes_per_reference": {"vector": 2048, "local_features": 30000, "pdq": 34},
          "verify_topk": 10, "views_per_query": 7.0}
-INDEX = {"references": 10_000_000, "index_bytes_per_reference": 520.0,
-         "exact_seconds_per_query": 0.5, "ivf_seconds_per_query": 0.004}
+INDEX = {"references": 10_000_000, "index_bytes_per_reference": 520.0, "factory": "IVF4096_HNSW32,SQ8",
+         "exact_cpu_s_per_search": 0.5, "ivf_cpu_s_per_search": 0.004}
 
 
 def test_projection_scales_each_figure_by_what_it_counts(cost_model):
-    rows = cost_model.project(COSTS, INDEX, None, queries_per_day=100_000, new_fraction=0.01)
+    rows = cost_model.project(COSTS, INDEX, None, queries_per_day=100_000, new_fraction=0.01, flat_max=2_000_000)
     by_n = {r["references"]: r for r in rows}
     one, ten = by_n[1_000_000], by_n[10_000_000]
     assert one["full_build_cpu_hours"] == pytest.approx(1_000_000 * 0.3 / 3600)
@@ -35,8 +35,12 @@ def test_projection_scales_each_figure_by_what_it_counts(cost_model):
     # Query-side work does not depend on the reference count; exact search does, linearly.
     assert one["queries_cpu_hours_per_day"] == ten["queries_cpu_hours_per_day"] == pytest.approx(
         100_000 * (1.0 + 10 * 0.02) / 3600)
-    assert ten["search_cpu_hours_per_day_exact"] == pytest.approx(100_000 * 0.5 / 3600)
-    assert one["search_cpu_hours_per_day_exact"] == pytest.approx(ten["search_cpu_hours_per_day_exact"] / 10)
+    # Below the Flat limit the exact index is searched, above it the IVF; each search of every view.
+    assert one["index"] == "Flat" and ten["index"] == "IVF4096_HNSW32,SQ8"  # what `auto` builds at each size
+    assert one["search_cpu_hours_per_day"] == pytest.approx(100_000 * 7 * 0.5 / 10 / 3600)
+    assert ten["search_cpu_hours_per_day"] == pytest.approx(100_000 * 7 * 0.004 / 3600)
+    assert by_n[100_000_000]["search_cpu_hours_per_day"] == pytest.approx(ten["search_cpu_hours_per_day"] * 10)
+    assert one["index_gb"] == pytest.approx(1_000_000 * 2048 / 1e9)
     assert ten["index_gb"] == pytest.approx(10_000_000 * 520 / 1e9)
     assert ten["cache_gb"] == pytest.approx(10_000_000 * (2048 + 30000 + 34) / 1e9)
 
