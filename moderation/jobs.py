@@ -34,6 +34,7 @@ from moderation.images import ImageRef, sha256_hex
 from moderation.layout import INDEX_DAG, STATS_DAG
 from moderation.index import ReferenceIndex, build_index
 from moderation.index_config import IndexOptions, plan_index
+from moderation.index_stream import build_index_streaming
 from moderation.matching import Candidate, candidates_csv, flagged, verification_csv
 from moderation.metrics import read_ground_truth
 from moderation.model_versions import LoadedModel, ensure_current_model, load_model
@@ -313,7 +314,10 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
     if index is None:
         if not kept:
             raise ModerationError("no reference vectors to index")
-        index = build_index(vectors_of(kept), kept, factory, options=options)
+        # Streamed: a part of the vector cache at a time, never every vector at once (beyond the index itself).
+        first = [rid for rid in kept if rid in reader.fresh]
+        index = build_index_streaming(lambda: reader.chunks([by_id[i] for i in kept], first, post.apply),
+                                      len(kept), factory, options)
     trained = (base.info.get("trained_count") if mode == "incremental" else _trained_count(index))
     held_vecs = held_vectors(held_ids, base_held, vectors_of, index.dim)
     pdq_index = reference_pdq(p, refs)
@@ -415,6 +419,35 @@ class _ReferenceReader:
         if len(missing) > 20:
             log.warning("... %d unchanged references in all are read for a missing cache entry", len(missing))
         return [replace(r, sha256="") for r in refs if r.image_id in missing]
+
+    def chunks(self, refs: list[ImageRef], fresh_ids: list[str], apply, size: int = 8192):
+        """(``apply``-ed vectors, ids) of ``refs``, a vector-cache part at a time (a streamed build's source).
+
+        ``fresh_ids`` (read this run, fixed by the caller so that both passes
+        agree) come first, then each cache part holding any of the others
+        (:meth:`VectorCache.stream`: memory is one part), then, read again,
+        any whose part turned out lost. Every ref comes exactly once.
+        """
+        for s in range(0, len(fresh_ids), size):
+            ids = fresh_ids[s:s + size]
+            yield apply(np.stack([self.fresh[i] for i in ids])), ids
+        skip = set(fresh_ids)
+        ids_of: dict[str, list[str]] = {}
+        for r in refs:
+            if r.image_id not in skip:
+                ids_of.setdefault(r.sha256, []).append(r.image_id)
+        for shas, vectors in self.cache.stream(list(ids_of)):
+            rows, ids = [], []
+            for j, sha in enumerate(shas):
+                for rid in ids_of.pop(sha, ()):  # one image under several ids: each gets the vector
+                    rows.append(j)
+                    ids.append(rid)
+            if ids:
+                yield apply(vectors[rows]), ids
+        rest = [r for r in refs if r.sha256 in ids_of]
+        for s in range(0, len(rest), size):
+            part = rest[s:s + size]
+            yield apply(self.vectors(part)), [r.image_id for r in part]
 
     def read(self, refs: list[ImageRef]) -> dict[str, ImageRef]:
         """Read ``refs`` (once each); returns id -> ref with its sha256 for those that decoded."""

@@ -172,18 +172,28 @@ def test_full_rebuild_setting_reads_everything(pipeline):
     assert set(store.reads.values()) == {1} and len(store.reads) == version.count
 
 
-def test_ivf_index_grows_in_place_until_the_growth_factor_then_retrains(pipeline):
+def test_ivf_index_grows_in_place_until_the_growth_factor_then_retrains(pipeline, monkeypatch):
     from dataclasses import replace
 
     from moderation.embedding import StoreSource
     from moderation.jobs import Pipeline, build_reference_index
+    from moderation.vector_cache import VectorCache
 
     p = pipeline
     store: ReadCounter = p.store
     ivf = Pipeline(replace(p.settings, index_factory="IVF2,Flat", index_retrain_growth=1.2), store, p.db)
     source = StoreSource(p.settings, "references/")
+    fetched = []
+    real_get = VectorCache.get
+    model = p.current_model().version  # the descriptor's cache, not the PDQ hashes' (also a VectorCache)
+    monkeypatch.setattr(VectorCache, "get", lambda self, sha: (self.model_version == model and fetched.append(sha))
+                        or real_get(self, sha))
+    store.reset()
     first = build_reference_index(ivf, source)  # the factory changed: a full build, trained on all
     assert first.info["build"] == "full" and first.info["trained_count"] == first.count
+    # Built from the cache a part at a time (VectorCache.stream), not by gathering every vector: no image read.
+    assert fetched == [] and store.reads == Counter()
+    assert sorted(p.load_index(first)[0].ids) == sorted(p.load_index(p.current_index(p.current_model()))[0].ids)
     store.put("references/R_ivf1.jpg", jpeg(8950))
     store.reset()
     grown = build_reference_index(ivf, source)  # within 1.2 x the trained count: added in place
