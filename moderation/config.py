@@ -95,6 +95,8 @@ class Settings:
     # IVF/PQ index may grow past the count its quantiser was trained on before a build retrains it.
     index_full_rebuild: bool = False
     index_retrain_growth: float = 2.0
+    # A full build on Airflow fills the index in mapped tasks of this many references each (moderation.index_fill).
+    index_fill_shard_size: int = 1_000_000
     threshold: float = 0.0  # 0: use the calibrated threshold of the model/stats pair
     max_failure_rate: float = 0.2
     max_image_pixels: int = 64_000_000
@@ -172,6 +174,9 @@ class Settings:
             raise ConfigError("MODERATION_RETRO_WINDOW_DAYS must be 0 (off) or more")
         if not self.gc_grace_hours >= 0 or self.keep_versions < 0:
             raise ConfigError("MODERATION_GC_GRACE_HOURS and MODERATION_KEEP_VERSIONS must be 0 or more")
+        if self.index_fill_shard_size < 1:
+            raise ConfigError("MODERATION_INDEX_FILL_SHARD_SIZE must be at least 1 (references per fill task of a "
+                              "full index build)")
         if not self.index_retrain_growth >= 1.0:
             raise ConfigError("MODERATION_INDEX_RETRAIN_GROWTH must be at least 1 (retrain an IVF/PQ index once the "
                               "reference set is that many times the size it was trained on)")

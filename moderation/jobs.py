@@ -34,7 +34,6 @@ from moderation.images import ImageRef, sha256_hex
 from moderation.layout import INDEX_DAG, STATS_DAG
 from moderation.index import ReferenceIndex, build_index
 from moderation.index_config import IndexOptions, plan_index
-from moderation.index_stream import build_index_streaming
 from moderation.matching import Candidate, candidates_csv, flagged, verification_csv
 from moderation.metrics import read_ground_truth
 from moderation.model_versions import LoadedModel, ensure_current_model, load_model
@@ -212,6 +211,67 @@ def refresh_stats(p: Pipeline, source: ImageSource) -> StatsVersion:
     return record
 
 
+@dataclass
+class PreparedIndex:
+    """An index build decided before any vector is added (:func:`prepare_reference_index`).
+
+    ``mode``: ``unchanged`` (``previous``, the version in force, already holds
+    this content), ``incremental`` (``base`` is updated in place) or ``full``
+    (trained and filled from every kept vector: ``fill`` lists the kept ids
+    in fill order (:mod:`moderation.index_fill`), cut into ``ranges``).
+    ``refs`` are every reference of the version, in location order; ``held``
+    the disabled ones left out of the index; ``stale`` the ids whose content
+    changed (removed from a base and added again). ``info`` holds what the
+    preparation counted (failures, reads, cache hits). JSON round trip:
+    :meth:`to_dict` / :meth:`from_dict`, for a sharded build's staging.
+    """
+
+    model_version: str
+    stats_version: str
+    factory: str
+    content: str
+    mode: str
+    forced: bool
+    previous: str | None
+    base: str | None
+    refs: list[ImageRef]
+    banks: dict[str, str]
+    held: list[str]
+    stale: list[str]
+    fill: list[str] = field(default_factory=list)
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    template_sha: str = ""  # of the staged template a sharded fill copies ("" until staged)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def kept(self) -> list[str]:
+        """The ids the index holds, in location order."""
+        held = set(self.held)
+        return [r.image_id for r in self.refs if r.image_id not in held]
+
+    @property
+    def build_id(self) -> str:
+        """What a fill shard must have been filled for: content, fill order, ranges and template."""
+        return sha256_hex(json.dumps([self.content, self.fill, self.ranges, self.template_sha]).encode())
+
+    def fill_refs(self, start: int = 0, stop: int | None = None) -> list[ImageRef]:
+        """The refs of ``fill[start:stop]``, in fill order."""
+        by_id = {r.image_id: r for r in self.refs}
+        return [by_id[i] for i in self.fill[start:stop]]
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["refs"] = [[r.image_id, r.location, r.sha256, r.fingerprint] for r in self.refs]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> PreparedIndex:
+        values = dict(data)
+        values["refs"] = [ImageRef(*row) for row in values["refs"]]
+        values["ranges"] = [tuple(r) for r in values["ranges"]]
+        return cls(**values)
+
+
 def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None = None,
                           hints: Mapping[str, tuple[str, str]] | None = None) -> IndexVersion:
     """Publish an index version of ``source``, reading only the references that are new or changed.
@@ -234,16 +294,38 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
     the same search results. Returns the version in force afterwards. Raises
     BatchFailedError when too many references fail to decode,
     ModerationError when none is left or the previous manifest is unreadable.
+
+    The steps, in one process: :func:`prepare_reference_index`, then
+    :func:`publish_reference_index` (which fills a full build's ranges
+    itself); the nightly DAG runs the same steps in separate tasks, filling
+    the ranges in mapped tasks (:mod:`moderation.index_fill`).
     """
-    from moderation.incremental_index import can_update, content_hash, held_vectors, update_index
-    from moderation.reference_changes import (MANIFEST_FILE, detect_changes, listed_refs, manifest_bytes,
-                                              read_manifest)
+    prepared, reader = prepare_reference_index(p, source, full=full, hints=hints)
+    if prepared.mode == "unchanged":
+        return keep_current_index(p, prepared)
+    return publish_reference_index(p, prepared, reader)
+
+
+def prepare_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None = None,
+                            hints: Mapping[str, tuple[str, str]] | None = None,
+                            fill_shard_size: int | None = None,
+                            max_fill_shards: int | None = None) -> tuple[PreparedIndex, _ReferenceReader]:
+    """Detect the changes, read what must be read, and decide the build (see :func:`build_reference_index`).
+
+    Every vector the build needs is in the vector cache afterwards. A full
+    build's kept references are put in fill order and cut into ranges of
+    ``fill_shard_size`` (default MODERATION_INDEX_FILL_SHARD_SIZE), at most
+    ``max_fill_shards``. Returns the decision and the reader that holds what
+    was read (for :func:`publish_reference_index` in the same process).
+    Raises as :func:`build_reference_index` does; publishes nothing.
+    """
+    from moderation.incremental_index import can_update, content_hash
+    from moderation.reference_changes import MANIFEST_FILE, detect_changes, listed_refs, read_manifest
 
     full = p.settings.index_full_rebuild if full is None else full
     model = p.current_model()
     stats = p.current_stats(model)
     p.db.record_stats(stats)  # the index row refers to it, and this database may not have seen it yet
-    post, _ = p.load_stats(stats)
     loaded = p.load(model)
     previous = p.registry.replaceable_current(Kind.INDEX, model_version=model.version)
     manifest = None
@@ -281,26 +363,127 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
     held = _held_out(p, banks)
     content = content_hash(stats.version, factory, ((r.image_id, r.location, r.sha256, banks[r.image_id])
                                                     for r in refs), held)
+    features = None if reader.features is None else {
+        "total": len(refs), "computed": reader.features["computed"], "failed": reader.features["failed"],
+        "cached": len(refs) - reader.features["computed"] - reader.features["failed"],
+        "config": reader.features["config"]}
     # A forced full build publishes what it built, even when the content is the same (a repair).
-    if not full and (current := _current_if_unchanged(p, Kind.INDEX, model, content)):
-        log.info("reference set unchanged: index %s stays in force", current.version)
-        p.db.record_index(current)
-        register_banks(p.db, Counter(banks.values()), current.version)
-        return current
+    unchanged = not full and _current_if_unchanged(p, Kind.INDEX, model, content) is not None
+    prepared = PreparedIndex(
+        model_version=model.version, stats_version=stats.version, factory=factory, content=content,
+        mode="unchanged" if unchanged else "incremental" if base is not None else "full", forced=full,
+        previous=previous.version if previous is not None else None, base=base.version if base else None,
+        refs=refs, banks=banks, held=[r.image_id for r in refs if r.image_id in held],
+        # A reference whose bytes were read this run may differ from the indexed one even under its old id.
+        stale=sorted(set(changes.replaced) | set(fresh)),
+        info={"failures": {"count": len(failures), "images": [asdict(f) for f in failures[:1000]]},
+              "cached": len(refs) - len(fresh) + reader.cached, "local_features": features,
+              "changes": changes.summary(), "read": len(reader.attempted)})
+    if prepared.mode == "full":
+        plan_fill(p, prepared, fill_shard_size, max_fill_shards)
+    return prepared, reader
+
+
+def plan_fill(p: Pipeline, prepared: PreparedIndex, fill_shard_size: int | None = None,
+              max_fill_shards: int | None = None) -> None:
+    """Set ``prepared``'s fill order and ranges (reads the vector cache's manifests; no vector)."""
+    from moderation.index_fill import fill_order, fill_ranges
+
+    by_id = {r.image_id: r for r in prepared.refs}
+    cache = VectorCache(p.store, prepared.model_version, Namespace.REFERENCES)
+    prepared.fill = [r.image_id for r in fill_order(cache, [by_id[i] for i in prepared.kept])]
+    prepared.ranges = fill_ranges(len(prepared.fill), fill_shard_size or p.settings.index_fill_shard_size,
+                                  max_fill_shards)
+
+
+def train_fill_template(p: Pipeline, prepared: PreparedIndex, post: Postprocessor, read_again) -> ReferenceIndex:
+    """The trained, empty index every range of a full build fills a copy of.
+
+    Trained on the planned sample of every kept vector, streamed from the
+    vector cache in fill order (``read_again(refs)``: raw vectors of refs
+    the cache lost). Raises ModerationError when nothing is kept.
+    """
+    from moderation.index_fill import ordered_chunks
+    from moderation.index_stream import train_empty_index
+
+    if not prepared.fill:
+        raise ModerationError("no reference vectors to index")
+    refs = prepared.fill_refs()
+    return train_empty_index(
+        lambda: ordered_chunks(VectorCache(p.store, prepared.model_version, Namespace.REFERENCES), refs,
+                               post.apply, read_again),
+        len(refs), prepared.factory, IndexOptions.from_settings(p.settings))
+
+
+def fill_range(p: Pipeline, prepared: PreparedIndex, template: ReferenceIndex, i: int, post: Postprocessor,
+               read_again) -> ReferenceIndex:
+    """A copy of ``template`` holding range ``i`` of the fill order (:func:`moderation.index_shards.build_shard`).
+
+    Raises ModerationError when the cache and ``read_again`` give fewer
+    vectors than the range holds (the source changed: build again).
+    """
+    from moderation.index_fill import ordered_chunks
+    from moderation.index_shards import build_shard
+
+    start, stop = prepared.ranges[i]
+    refs = prepared.fill_refs(start, stop)
+    shard = build_shard(template, ordered_chunks(VectorCache(p.store, prepared.model_version, Namespace.REFERENCES),
+                                                 refs, post.apply, read_again))
+    if len(shard) != len(refs):
+        raise ModerationError(f"fill range {i} yielded {len(shard)} vectors for {len(refs)} references; "
+                              "the vector cache changed during the build: build again")
+    return shard
+
+
+def fill_index(p: Pipeline, prepared: PreparedIndex, post: Postprocessor, read_again) -> ReferenceIndex:
+    """A full build's index in one process: the template, every range filled in turn, merged in range order."""
+    from moderation.index_shards import merge_shards
+
+    template = train_fill_template(p, prepared, post, read_again)
+    return merge_shards([fill_range(p, prepared, template, i, post, read_again)
+                         for i in range(len(prepared.ranges))])
+
+
+def keep_current_index(p: Pipeline, prepared: PreparedIndex) -> IndexVersion:
+    """The version in force, recorded again, for a preparation that found nothing changed."""
+    current = p.registry.manifest(Kind.INDEX, prepared.previous, model_version=prepared.model_version)
+    log.info("reference set unchanged: index %s stays in force", current.version)
+    p.db.record_index(current)
+    register_banks(p.db, Counter(prepared.banks.values()), current.version)
+    return current
+
+
+def publish_reference_index(p: Pipeline, prepared: PreparedIndex, reader: _ReferenceReader,
+                            index: ReferenceIndex | None = None) -> IndexVersion:
+    """Build what ``prepared`` decided and publish it: files, manifest, then the pointer.
+
+    ``index`` is a full build's index when it was filled elsewhere (the
+    merged fill shards); otherwise an incremental build updates its base in
+    place (falling back to a full build when FAISS cannot) and a full build
+    fills its ranges here. ``reader`` serves vectors (held-out references,
+    added ones) from what it read, else the cache, else the images.
+    Returns the new version, in force. Raises ModerationError when nothing
+    is left to index.
+    """
+    from moderation.incremental_index import held_vectors, update_index
+    from moderation.reference_changes import MANIFEST_FILE, manifest_bytes
+
+    stats = p.registry.manifest(Kind.STATS, prepared.stats_version, model_version=prepared.model_version)
+    post, _ = p.load_stats(stats)
+    refs, banks = prepared.refs, prepared.banks
     by_id = {r.image_id: r for r in refs}
-    # A reference whose bytes were read this run may differ from the indexed one even under its old id.
-    stale = set(changes.replaced) | set(fresh)
+    kept, held_ids = prepared.kept, prepared.held
     base_held: dict[str, np.ndarray] = {}
-    kept = [r.image_id for r in refs if r.image_id not in held]
-    held_ids = [r.image_id for r in refs if r.image_id in held]
 
     def vectors_of(ids: list[str]) -> np.ndarray:
         return post.apply(reader.vectors([by_id[i] for i in ids]))
 
-    index, mode = None, "full"
-    if base is not None:
+    mode, base = "full", None
+    if index is None and prepared.mode == "incremental":
+        base = p.registry.manifest(Kind.INDEX, prepared.base, model_version=prepared.model_version)
         index, _ = p.load_index(base)
         prev_held, prev_held_ids = p.index_held_out(base)
+        stale = set(prepared.stale)
         base_held = {rid: v for rid, v in zip(prev_held_ids, prev_held) if rid not in stale and rid in by_id}
         try:
             # Re-enabled references come back from the held-out file, not the cache.
@@ -314,28 +497,26 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
     if index is None:
         if not kept:
             raise ModerationError("no reference vectors to index")
+        if not prepared.fill:
+            plan_fill(p, prepared)
         # Streamed: a part of the vector cache at a time, never every vector at once (beyond the index itself).
-        first = [rid for rid in kept if rid in reader.fresh]
-        index = build_index_streaming(lambda: reader.chunks([by_id[i] for i in kept], first, post.apply),
-                                      len(kept), factory, options)
+        index = fill_index(p, prepared, post, reader.vectors)
+    if len(index) != len(kept):
+        raise ModerationError(f"the index holds {len(index)} references, {len(kept)} were prepared; build again")
     trained = (base.info.get("trained_count") if mode == "incremental" else _trained_count(index))
     held_vecs = held_vectors(held_ids, base_held, vectors_of, index.dim)
     pdq_index = reference_pdq(p, refs)
     index_bytes, ids_bytes = index.serialise()
     held_buf = io.BytesIO()
     np.save(held_buf, np.ascontiguousarray(held_vecs, np.float32), allow_pickle=False)
-    features = None if reader.features is None else {
-        "total": len(refs), "computed": reader.features["computed"], "failed": reader.features["failed"],
-        "cached": len(refs) - reader.features["computed"] - reader.features["failed"],
-        "config": reader.features["config"]}
-    record = IndexVersion(version=new_version_id(content), model_version=model.version,
-                          stats_version=stats.version, count=len(index), dim=index.dim,
-                          factory=index.factory, content_sha256=content,
-                          info={"failures": {"count": len(failures), "images": [asdict(f) for f in failures[:1000]]},
-                                "cached": len(refs) - len(fresh) + reader.cached,
-                                "local_features": features, "banks": dict(Counter(banks.values())),
-                                "held_out": len(held_ids), "build": mode, "changes": changes.summary(),
-                                "read": len(reader.attempted), "previous": previous.version if previous else None,
+    info = prepared.info
+    record = IndexVersion(version=new_version_id(prepared.content), model_version=prepared.model_version,
+                          stats_version=prepared.stats_version, count=len(index), dim=index.dim,
+                          factory=index.factory, content_sha256=prepared.content,
+                          info={"failures": info["failures"], "cached": info["cached"],
+                                "local_features": info["local_features"], "banks": dict(Counter(banks.values())),
+                                "held_out": len(held_ids), "build": mode, "changes": info["changes"],
+                                "read": info["read"], "previous": prepared.previous,
                                 "trained_count": trained, "retrain_growth": p.settings.index_retrain_growth,
                                 "pdq": None if pdq_index is None else {"hashes": len(pdq_index)}})
     files = {"index.faiss": index_bytes, "ids.json": ids_bytes,
@@ -350,7 +531,7 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
     p.db.record_index(record)
     register_banks(p.db, Counter(banks.values()), record.version)
     log.info("published index %s (%s): %d references, factory %s, %d read", record.version, mode, record.count,
-             record.factory, len(reader.attempted))
+             record.factory, info["read"])
     return record
 
 
@@ -419,35 +600,6 @@ class _ReferenceReader:
         if len(missing) > 20:
             log.warning("... %d unchanged references in all are read for a missing cache entry", len(missing))
         return [replace(r, sha256="") for r in refs if r.image_id in missing]
-
-    def chunks(self, refs: list[ImageRef], fresh_ids: list[str], apply, size: int = 8192):
-        """(``apply``-ed vectors, ids) of ``refs``, a vector-cache part at a time (a streamed build's source).
-
-        ``fresh_ids`` (read this run, fixed by the caller so that both passes
-        agree) come first, then each cache part holding any of the others
-        (:meth:`VectorCache.stream`: memory is one part), then, read again,
-        any whose part turned out lost. Every ref comes exactly once.
-        """
-        for s in range(0, len(fresh_ids), size):
-            ids = fresh_ids[s:s + size]
-            yield apply(np.stack([self.fresh[i] for i in ids])), ids
-        skip = set(fresh_ids)
-        ids_of: dict[str, list[str]] = {}
-        for r in refs:
-            if r.image_id not in skip:
-                ids_of.setdefault(r.sha256, []).append(r.image_id)
-        for shas, vectors in self.cache.stream(list(ids_of)):
-            rows, ids = [], []
-            for j, sha in enumerate(shas):
-                for rid in ids_of.pop(sha, ()):  # one image under several ids: each gets the vector
-                    rows.append(j)
-                    ids.append(rid)
-            if ids:
-                yield apply(vectors[rows]), ids
-        rest = [r for r in refs if r.sha256 in ids_of]
-        for s in range(0, len(rest), size):
-            part = rest[s:s + size]
-            yield apply(self.vectors(part)), [r.image_id for r in part]
 
     def read(self, refs: list[ImageRef]) -> dict[str, ImageRef]:
         """Read ``refs`` (once each); returns id -> ref with its sha256 for those that decoded."""

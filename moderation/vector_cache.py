@@ -192,6 +192,19 @@ class VectorCache:
         """Every sha this cache can answer, from the manifests (no part is fetched)."""
         return frozenset(self._where) | frozenset(self._vectors)
 
+    def positions(self) -> dict[str, tuple[str, int]]:
+        """sha -> (part key, row in the part) of every stored vector: the order :meth:`stream` yields them in.
+
+        From the manifests alone (no part is fetched); vectors only held in
+        memory are not listed (:meth:`stream` yields them last).
+        """
+        out: dict[str, tuple[str, int]] = {}
+        for key, manifest in self._manifests.items():
+            for row, sha in enumerate(manifest.shas):
+                if self._where.get(sha) == key:
+                    out.setdefault(sha, (key, row))
+        return out
+
     def get(self, sha: str) -> np.ndarray | None:
         """The vector of ``sha``; None if unknown, or if its part is missing or corrupt (dropped)."""
         if sha in self._vectors:
