@@ -5,6 +5,11 @@ New or changed references are found from the object listing (size, ETag)
 against the manifest of the index version in force, without reading any
 image; only they go to the mapped shards, each read once, and the build
 updates the previous index in place (param ``full``: read and rebuild all).
+A full build (the first, ``full``, factory or statistics changed, retrain
+due) is filled by mapped tasks: ``prepare_build`` trains the empty index,
+each ``fill_shard`` adds one range of the kept references to a copy of it,
+and ``build`` merges them in order and publishes (the same index a single
+process builds); on an incremental night ``fill_shard`` maps over nothing.
 Runs for one model (the triggering event's, else the current one) with the
 statistics version in force for it, refuses shards embedded by another
 model, gates the reference batch and the vectors, then publishes an index
@@ -53,6 +58,9 @@ from moderation import layout
         "full": Param(False, type="boolean",
                       description="Read every reference and rebuild the index from every vector, instead of "
                                   "reading only what the listing shows new or changed."),
+        "fill_shard_size": Param(0, type="integer", minimum=0,
+                                 description="References per mapped fill task of a full build "
+                                             "(0: MODERATION_INDEX_FILL_SHARD_SIZE); at most max_shards tasks."),
     },
     doc_md=__doc__,
 )
@@ -89,15 +97,38 @@ def reference_index_nightly():
         results = [shards[i] for i in range(len(shards))]  # indexed: no probe past the last shard
         return common.no_retry(orchestration.check_reference_batch, common.settings(), planned[0], results)
 
-    @task(doc_md="Reads: the reference listing, the previous index's manifest, the shards' shas, vectors from "
-                 "the cache (an image only if a cache lacks it), the pinned statistics; updates the previous "
-                 "index in place when statistics and factory are unchanged. Writes: "
-                 "indexes/MODEL/INDEX/ then indexes/MODEL/CURRENT (only if changed), an index_versions "
-                 "row. The pointer moves last: a failure leaves the previous index in force.")
-    def build(planned: list, checked: dict):
+    @task(doc_md="Reads: the reference listing, the previous index's manifest, the shards' shas, the vector "
+                 "cache's manifests (an image only if a cache lacks it), the pinned statistics. Decides the build: "
+                 "unchanged, incremental (the previous index is updated in place by `build`) or full (first "
+                 "build, `full`, factory or statistics changed, retrain due). Writes: "
+                 "staging/index-fill/MODEL/RUN/prepared.json and, for a full build, the trained empty index "
+                 "(template, trained on a sample streamed from the vector cache). Returns one fill spec per "
+                 "range of the kept references (none unless full).")
+    def prepare_build(planned: list, checked: dict, params=None, run_id=None):
         from moderation import orchestration
 
-        return common.no_retry(orchestration.build_index_version, common.settings(), planned[0], checked)
+        return common.no_retry(orchestration.prepare_index_build, common.settings(), planned[0], checked,
+                               run_id=run_id, fill_shard_size=int(params.get("fill_shard_size") or 0),
+                               max_fill_shards=params["max_shards"])
+
+    @task(doc_md="Mapped, one per fill range of a full build (none on an incremental night). Reads: the staged "
+                 "preparation and template, the range's vectors from the vector cache a part at a time. Writes: "
+                 "the range's filled copy of the template, staging/index-fill/MODEL/RUN/shard-N.*.")
+    def fill_shard(spec: dict):
+        from moderation import orchestration
+
+        return common.no_retry(orchestration.fill_index_shard, common.settings(), spec)
+
+    # Runs when the fill mapped over nothing (an incremental night: that task is skipped), not after a failure.
+    @task(trigger_rule="none_failed_min_one_success",
+          doc_md="Reads: the staged preparation and fill shards (merged in range order), or the previous "
+                 "index to update in place. Writes: indexes/MODEL/INDEX/ then indexes/MODEL/CURRENT (only if "
+                 "changed), an index_versions row, then deletes the run's staging objects. The pointer moves "
+                 "last: a failure, here or in a fill task, leaves the previous index in force.")
+    def build(planned: list, run_id=None):
+        from moderation import orchestration
+
+        return common.no_retry(orchestration.publish_index_build, common.settings(), planned[0], run_id=run_id)
 
     @task(doc_md="Reads: calibration/ground_truth.csv and calibration/queries/ if present. Writes: "
                  "calibrations/MODEL/STATS/CAL and a calibrations row for a new model/statistics pair.")
@@ -139,7 +170,10 @@ def reference_index_nightly():
     planned = plan()
     shards = embed_shard.expand(shard=planned)
     checked = check_references(planned, shards)
-    built = build(planned, checked)
+    fills = prepare_build(planned, checked)
+    filled = fill_shard.expand(spec=fills)
+    built = build(planned)
+    filled >> built
     calibrated = calibrate(built)
     announce(built, calibrated)
     retro_match(built, calibrated)

@@ -26,7 +26,12 @@ longer than any job, so nothing a running job is writing or reading goes):
    marked ``running`` are never touched;
 6. **evidence** of decided pairs past ``MODERATION_EVIDENCE_RETENTION_DAYS``,
    by :func:`moderation.evidence.prune_evidence` (the same sweep as
-   ``moderation evidence prune``).
+   ``moderation evidence prune``);
+7. **staging of sharded index builds** (:mod:`moderation.index_fill`,
+   ``staging/index-fill/MODEL/RUN/``) left by a build that never published:
+   a run's folder goes once every object in it is older than the grace
+   period (a running build keeps writing into its folder; a published one
+   deletes its own).
 
 Nothing outside those prefixes is ever deleted, nor anything a ``CURRENT``
 pointer or a kept version references. A version's manifest is deleted before
@@ -52,7 +57,7 @@ from moderation.vector_cache import Namespace, manifest_key, migrate_legacy_part
 
 log = logging.getLogger(__name__)
 
-MANAGED_PREFIXES = ("models/", "stats/", "indexes/", "calibrations/", "embeddings/", "runs/")
+MANAGED_PREFIXES = ("models/", "stats/", "indexes/", "calibrations/", "embeddings/", "runs/", "staging/")
 # How many folder levels name a scope (what one CURRENT pointer governs) under each kind.
 _SCOPE_DEPTH = {Kind.MODEL: 1, Kind.INDEX: 2, Kind.STATS: 2, Kind.CALIBRATION: 3}
 _RETIRED = (Kind.INDEX, Kind.STATS)
@@ -112,6 +117,7 @@ def collect_garbage(p, *, grace_hours: float | None = None, dry_run: bool = Fals
     sweep.vector_cache()
     sweep.failed_runs()
     sweep.evidence()
+    sweep.staging()
     summary = sweep.report.summary()
     log.info("gc%s: %d objects, %d bytes %s; by reason %s; skipped %s", " (dry run)" if dry_run else "",
              summary["objects"], summary["bytes"], "would go" if dry_run else "removed",
@@ -300,3 +306,16 @@ class _Sweep:
             self.report.removals += [Removal(k, sizes.get(k, 0), "evidence past retention")
                                      for k in planned["keys"]]
         self.report.evidence = planned if self.dry_run or not keys else prune_evidence(self.p)
+
+    # -- 7: staging of sharded index builds --------------------------------------------------------
+
+    def staging(self) -> None:
+        from moderation.index_fill import STAGING_PREFIX
+
+        runs: dict[str, list[ObjectInfo]] = defaultdict(list)
+        depth = STAGING_PREFIX.count("/") + 2  # .../MODEL/RUN/
+        for o in self.store.entries(STAGING_PREFIX):
+            runs["/".join(o.key.split("/")[:depth])].append(o)
+        for _, objects in sorted(runs.items()):
+            if self.settled(objects):
+                self.remove(objects, "staging of an index build that never published")

@@ -476,7 +476,7 @@ def check_reference_batch(settings: Settings, plan: Mapping[str, Any], shards: S
 
 def build_index_version(settings: Settings, plan: Mapping[str, Any],
                         checked: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Build and publish the index for the plan's model with the plan's statistics.
+    """Build and publish the index for the plan's model with the plan's statistics, in this process.
 
     Reads: the reference listing, the previous index version's manifest, the
     shas the shards read (``checked["refs_keys"]``), vectors, PDQ hashes and
@@ -484,27 +484,170 @@ def build_index_version(settings: Settings, plan: Mapping[str, Any],
     if a cache lacks it. Writes: ``indexes/MODEL/INDEX/`` then its pointer
     (only if the reference set or statistics changed), index_versions row.
     Raises VersionMismatchError if the statistics in force changed since planning.
+    The nightly DAG runs the same steps split across tasks
+    (:func:`prepare_index_build`, :func:`fill_index_shard`, :func:`publish_index_build`).
     """
+    p, model = _pinned_for_index(settings, plan)
+    before = _version_before(p.registry, Kind.INDEX, model_version=model.version)
+    index = build_reference_index(p, StoreSource(settings, plan["prefix"]), full=bool(plan.get("full")),
+                                  hints=_shard_hints(p, model.version, checked))
+    return _built(plan, index, before)
+
+
+def _pinned_for_index(settings: Settings, plan: Mapping[str, Any]):
+    """(pipeline, model) pinned by the plan; VersionMismatchError if its statistics are no longer in force."""
     p = open_pipeline(settings, plan["model_version"])
     model = p.current_model()
     stats = p.current_stats(model)
     if stats.version != plan["stats_version"]:
         raise VersionMismatchError(f"statistics for model {model.version} moved from {plan['stats_version']} "
                                    f"to {stats.version} during this run; rerun the index DAG")
+    return p, model
+
+
+def _shard_hints(p: Pipeline, model_version: str, checked: Mapping[str, Any] | None) -> dict[str, tuple[str, str]]:
+    """location -> (fingerprint, sha256) the embedding shards of this run read (for the model only)."""
     hints: dict[str, tuple[str, str]] = {}
     for key in (checked or {}).get("refs_keys", []):
         shard_refs = json.loads(p.store.get(key))
-        if shard_refs["model_version"] == model.version:
+        if shard_refs["model_version"] == model_version:
             hints.update((loc, (fp, sha)) for loc, fp, sha in shard_refs["refs"])
-    before = _version_before(p.registry, Kind.INDEX, model_version=model.version)
-    index = build_reference_index(p, StoreSource(settings, plan["prefix"]), full=bool(plan.get("full")),
-                                  hints=hints)
+    return hints
+
+
+def _built(plan: Mapping[str, Any], index, before: str | None) -> dict[str, Any]:
     if (index.model_version, index.stats_version) != (plan["model_version"], plan["stats_version"]):
         raise VersionMismatchError(f"index {index.version} pins {index.model_version}/{index.stats_version}, "
                                    f"expected {plan['model_version']}/{plan['stats_version']}")
     return {"model_version": index.model_version, "stats_version": index.stats_version,
             "index_version": index.version, "count": index.count, "changed": index.version != before,
             "previous": before, "read": index.info.get("read"), "build": index.info.get("build")}
+
+
+def _staging(p: Pipeline, model_version: str, run_id: str):
+    from moderation.index_fill import FillStaging
+
+    return FillStaging(p.store, model_version, run_slug(run_id))
+
+
+def prepare_index_build(settings: Settings, plan: Mapping[str, Any], checked: Mapping[str, Any] | None = None, *,
+                        run_id: str, fill_shard_size: int = 0, max_fill_shards: int | None = None
+                        ) -> list[dict[str, Any]]:
+    """Decide tonight's index build and, for a full one, train its template; returns the fill shards to map.
+
+    :func:`moderation.jobs.prepare_reference_index` (change detection, the
+    reads a cache lacks, mode, content), staged as
+    ``staging/index-fill/MODEL/RUN/prepared.json``. A full build (first
+    build, ``full``, factory or statistics changed, retrain due) also trains
+    the empty index on a sample streamed from the vector cache and stages it
+    (``template.*``); it returns one spec per range of the fill order
+    (``fill_shard_size`` references each, default
+    MODERATION_INDEX_FILL_SHARD_SIZE; at most ``max_fill_shards``). An
+    incremental or unchanged night returns ``[]``: nothing to fill. Reruns
+    stage again under the same keys. Publishes nothing. Raises as
+    :func:`build_index_version` does.
+    """
+    from moderation.jobs import prepare_reference_index, train_fill_template
+
+    p, model = _pinned_for_index(settings, plan)
+    source = StoreSource(settings, plan["prefix"])
+    prepared, reader = prepare_reference_index(p, source, full=bool(plan.get("full")),
+                                               hints=_shard_hints(p, model.version, checked),
+                                               fill_shard_size=fill_shard_size or None,
+                                               max_fill_shards=max_fill_shards)
+    staging = _staging(p, model.version, run_id)
+    if prepared.mode == "full":
+        stats = p.registry.manifest(Kind.STATS, prepared.stats_version, model_version=model.version)
+        post, _ = p.load_stats(stats)
+        template = train_fill_template(p, prepared, post, reader.vectors)
+        staging.put_template(template)
+        prepared.template_sha = sha256_hex(template.serialise()[0])
+    # Last: a fill task checks the build id it was mapped with against this.
+    staging.put_prepared(prepared.to_dict())
+    log.info("index build for %s: %s, %d references, %d fill shards staged under %s", model.version,
+             prepared.mode, len(prepared.kept), len(prepared.ranges), staging.prefix)
+    return [{"model_version": model.version, "prefix": plan["prefix"], "run_id": run_id, "index": i,
+             "count": len(prepared.ranges), "build_id": prepared.build_id} for i in range(len(prepared.ranges))]
+
+
+def fill_index_shard(settings: Settings, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill one range of a staged full build: a copy of the template with that range's vectors; stage it.
+
+    Reads: the staged preparation and template, the range's vectors from the
+    vector cache a part at a time (an image only if its cached vector was
+    lost). Writes: ``staging/index-fill/MODEL/RUN/shard-N.*``. Raises
+    ModerationError if the staged preparation is not the one ``spec`` was
+    mapped for (rerun the DAG run), or the range's vectors fall short.
+    """
+    from moderation.jobs import PreparedIndex, _ReferenceReader, fill_range
+
+    p = open_pipeline(settings, spec["model_version"])
+    staging = _staging(p, spec["model_version"], spec["run_id"])
+    prepared = PreparedIndex.from_dict(staging.prepared())
+    if prepared.build_id != spec["build_id"]:
+        raise ModerationError(f"the build staged under {staging.prefix} was prepared again since this fill task "
+                              "was mapped: clear the run's prepare_build task and everything after it")
+    i = int(spec["index"])
+    stats = p.registry.manifest(Kind.STATS, prepared.stats_version, model_version=prepared.model_version)
+    post, _ = p.load_stats(stats)
+    readers: list = []
+
+    def read_again(refs):  # the model is loaded only if the cache lost a vector
+        if not readers:
+            model = p.current_model()
+            readers.append(_ReferenceReader(p, p.load(model), StoreSource(settings, spec["prefix"])))
+        return readers[0].vectors(refs)
+
+    shard = fill_range(p, prepared, staging.template(), i, post, read_again)
+    staging.put_shard(i, shard, prepared.build_id)
+    start, stop = prepared.ranges[i]
+    return {"index": i, "count": len(shard), "range": [start, stop]}
+
+
+def publish_index_build(settings: Settings, plan: Mapping[str, Any], *, run_id: str) -> dict[str, Any]:
+    """Publish the build :func:`prepare_index_build` staged for this run; then delete its staging objects.
+
+    A full build merges the fill shards in range order
+    (:func:`moderation.index_shards.merge_shards`); an incremental one
+    updates the previous index in place; an unchanged one keeps the version
+    in force. Files, manifest and pointer as :func:`build_index_version`
+    writes them. A retry after this run already published finds it in force
+    and only cleans up. Raises ModerationError when the staged preparation
+    or a fill shard is missing or was filled for another preparation (the
+    previous index stays in force), VersionMismatchError when the statistics
+    moved since planning.
+    """
+    from moderation.index_shards import merge_shards
+    from moderation.jobs import PreparedIndex, _ReferenceReader, keep_current_index, publish_reference_index
+
+    p, model = _pinned_for_index(settings, plan)
+    staging = _staging(p, model.version, run_id)
+    try:
+        prepared = PreparedIndex.from_dict(staging.prepared())
+    except NotFoundError:
+        raise ModerationError(f"no prepared index build under {staging.prefix}: run the DAG run's prepare_build "
+                              "task again") from None
+    if prepared.stats_version != plan["stats_version"]:
+        raise VersionMismatchError(f"the staged build pins statistics {prepared.stats_version}, the plan "
+                                   f"{plan['stats_version']}: clear the run's prepare_build task and after")
+    before = prepared.previous
+    current = p.registry.replaceable_current(Kind.INDEX, model_version=model.version)
+    if prepared.mode == "unchanged":
+        index = keep_current_index(p, prepared)
+    elif current is not None and current.version != before and current.content_sha256 == prepared.content:
+        log.info("index %s of this build is already in force (an earlier attempt published it)", current.version)
+        p.db.record_index(current)
+        index = current
+    else:
+        merged = None
+        if prepared.mode == "full":
+            merged = merge_shards([staging.shard(i, prepared.build_id, prepared.fill[start:stop])
+                                   for i, (start, stop) in enumerate(prepared.ranges)])
+        reader = _ReferenceReader(p, p.load(model), StoreSource(settings, plan["prefix"]))
+        index = publish_reference_index(p, prepared, reader, merged)
+    removed = staging.clear()
+    log.info("removed %d staging objects under %s", removed, staging.prefix)
+    return _built(plan, index, before)
 
 
 def calibrate_if_labelled(settings: Settings, built: Mapping[str, Any], *,

@@ -79,15 +79,19 @@ def test_stats_index_matching_retry_and_rerun(stack, dags, pipeline, data):
     index_dag = dags["reference_index_nightly"]
     _fast_retries(index_dag, "build")
     fault = stack.proxy.fail("PUT", rf"/{h.BUCKET}/indexes/{model.version}/CURRENT$", times=3)
-    dr, states, secs = h.run_dag(index_dag, conf={"keys_per_shard": 8})
+    dr, states, secs = h.run_dag(index_dag, conf={"keys_per_shard": 8, "fill_shard_size": 8})
     FIGURES["reference_index_nightly"] = secs
     assert dr.state == "success", states
     assert len(fault.hits) == 3, "the injected failure never happened"
     assert states["build"] == ("success", 2), states  # failed once, the retry finished the run
     assert sum(1 for k in states if k.startswith("embed_shard[")) == 3  # 20 refs / 8 per shard
+    # the first build is full: its index was filled by 3 mapped tasks (20 refs / 8), merged by the build
+    assert sorted(k for k in states if k.startswith("fill_shard[")) == [f"fill_shard[{i}]" for i in range(3)]
+    assert all(states[f"fill_shard[{i}]"][0] == "success" for i in range(3)), states
+    assert not list(pipeline.store.list("staging/"))  # the build removed its staging once published
     assert states["gc"] == ("success", 1), states  # the store sweep ran (nothing is past its grace period)
     index = pipeline.registry.current(Kind.INDEX, model_version=model.version)
-    assert (index.count, index.stats_version) == (len(data.references), stats.version)
+    assert (index.count, index.stats_version, index.info["build"]) == (len(data.references), stats.version, "full")
     for name in ("index.faiss", "ids.json", "locations.json"):  # complete and intact (sha256 checked)
         assert pipeline.registry.load(Kind.INDEX, index, name)
     published = pipeline.registry.versions(Kind.INDEX, model_version=model.version)
@@ -143,9 +147,12 @@ def test_retro_match_runs_after_publishing_and_flags_past_copies(stack, dags, pi
         pytest.skip("needs the chain from test_stats_index_matching_retry_and_rerun")
     # a query of that day (a distractor nobody had indexed) becomes a reference tonight
     pipeline.store.put("references/RNEW.jpg", data.queries[DAY][f"{batch}Q00900.jpg"], "image/jpeg")
-    dr, states, _ = h.run_dag(dags["reference_index_nightly"], conf={"keys_per_shard": 8})
+    dr, states, _ = h.run_dag(dags["reference_index_nightly"], conf={"keys_per_shard": 8, "fill_shard_size": 8})
     assert dr.state == "success", states
     assert states["retro_match"] == ("success", 1), states
+    # an incremental night: the fill maps over nothing, the build updates the index in place
+    assert states["fill_shard"][0] == "skipped" and not any(k.startswith("fill_shard[") for k in states), states
+    assert states["build"][0] == "success", states
     with create_session() as s:
         tis = {ti.task_id: ti for ti in s.query(TaskInstance).filter(
             TaskInstance.dag_id == "reference_index_nightly", TaskInstance.run_id == dr.run_id)}

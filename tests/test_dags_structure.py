@@ -14,8 +14,8 @@ pytestmark = pytest.mark.airflow
 
 EXPECTED = {
     "background_stats_refresh": {"sample", "fit", "announce"},
-    "reference_index_nightly": {"plan", "embed_shard", "check_references", "build", "calibrate", "announce",
-                                "retro_match", "gc"},
+    "reference_index_nightly": {"plan", "embed_shard", "check_references", "prepare_build", "fill_shard", "build",
+                                "calibrate", "announce", "retro_match", "gc"},
     "query_matching_daily": {"resolve_batch", "check_queries", "embed_queries", "match", "gate_flagged"},
     "sscd_retrain": {"plan", "train_evaluate_publish", "announce"},
 }
@@ -104,6 +104,13 @@ def test_schedules_and_asset_wiring(bag):
     assert index.get_task("retro_match").downstream_task_ids == set()
     # the reference shards are a mapped task
     assert type(index.get_task("embed_shard")).__name__ in ("MappedOperator", "DecoratedMappedOperator")
+    # a full build's fill is mapped over prepare_build's ranges; the build merges and publishes after it, and
+    # also runs when the fill mapped over nothing (an incremental night), never after a failure
+    assert type(index.get_task("fill_shard")).__name__ in ("MappedOperator", "DecoratedMappedOperator")
+    assert index.get_task("fill_shard").upstream_task_ids == {"prepare_build"}
+    assert index.get_task("prepare_build").upstream_task_ids == {"plan", "check_references"}
+    assert index.get_task("build").upstream_task_ids == {"plan", "fill_shard"}
+    assert index.get_task("build").trigger_rule == "none_failed_min_one_success"
 
 
 def test_matching_resolves_the_pending_day_for_every_kind_of_run(bag):
@@ -141,6 +148,10 @@ def test_gpu_routing_and_params_schema(bag):
         with pytest.raises(ParamValidationError):
             validated(retrain, bad)
     match = dagbag.dags["query_matching_daily"]
+    index = dagbag.dags["reference_index_nightly"]
+    assert validated(index, {"fill_shard_size": 8})["fill_shard_size"] == 8
+    with pytest.raises(ParamValidationError):
+        validated(index, {"fill_shard_size": -1})
     assert validated(match, {"date": "2026-11-29"})["date"] == "2026-11-29"
     with pytest.raises(ParamValidationError):
         validated(match, {"date": "29/11/2026"})
