@@ -10,7 +10,6 @@ the grace period has passed.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -20,34 +19,27 @@ import pytest
 
 from conftest import fast_env, s3_env
 from local_images import textured
+from test_nightly_index import jpeg
+
+from moderation.config import Settings
+from moderation.db import connect
+from moderation.embedding import FolderSource, StoreSource
+from moderation.jobs import Pipeline, build_reference_index, refresh_stats
+from moderation.store import open_store
 
 N_REFS = 12
 
 
-def jpeg(seed: int) -> bytes:
-    buf = io.BytesIO()
-    textured(seed, size=(224, 176)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def pipeline(pg_url, s3_server, tmp_path_factory):
-    from moderation.config import Settings
-    from moderation.db import connect
-    from moderation.embedding import FolderSource, StoreSource
-    from moderation.jobs import Pipeline, build_reference_index, refresh_stats
-    from moderation.store import open_store
-
-    root = tmp_path_factory.mktemp("fill")
-    (root / "background").mkdir()
+    settings = Settings.from_env({**fast_env(tmp_path_factory.mktemp("fill-home")), **s3_env(s3_server, "index-fill"),
+                                  "MODERATION_DATABASE_URL": pg_url, "MODERATION_VERIFY": "false"})
+    background = tmp_path_factory.mktemp("fill-background")
     for i in range(12):
-        textured(9100 + i, shapes=40 + i).save(root / "background" / f"B{i}.jpg", quality=92)
-    env = {**fast_env(tmp_path_factory.mktemp("fill-home")), **s3_env(s3_server, "index-fill"),
-           "MODERATION_DATABASE_URL": pg_url, "MODERATION_VERIFY": "false"}
-    settings = Settings.from_env(env)
+        textured(9100 + i, shapes=40 + i).save(background / f"B{i}.jpg", quality=92)
     store = open_store(settings)
     p = Pipeline(settings, store, connect(settings.database_url))
-    refresh_stats(p, FolderSource(root / "background"))
+    refresh_stats(p, FolderSource(background))
     # Two nights, the odd references on the second: their vectors lie in two cache parts, interleaved by name.
     for night in (0, 1):
         for i in range(night, N_REFS, 2):
@@ -85,8 +77,6 @@ def _staging(p) -> set[str]:
 @pytest.mark.parametrize("factory", ["Flat", "IVF2,Flat"])
 def test_sharded_full_build_publishes_what_one_process_builds(pipeline, factory):
     from moderation import orchestration
-    from moderation.embedding import StoreSource
-    from moderation.jobs import Pipeline, build_reference_index
     from moderation.registry import Kind
 
     settings = replace(pipeline.settings, index_factory=factory)
@@ -127,8 +117,6 @@ def test_sharded_full_build_publishes_what_one_process_builds(pipeline, factory)
 
 def test_incremental_night_maps_no_fill_shards(pipeline):
     from moderation import orchestration
-    from moderation.embedding import StoreSource
-    from moderation.jobs import build_reference_index
 
     p = pipeline
     build_reference_index(p, StoreSource(p.settings, "references/"))
