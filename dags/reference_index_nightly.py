@@ -111,9 +111,9 @@ def reference_index_nightly():
                                run_id=run_id, fill_shard_size=int(params.get("fill_shard_size") or 0),
                                max_fill_shards=params["max_shards"])
 
-    @task(doc_md="Mapped, one per fill range of a full build (none on an incremental night). Reads: the staged "
-                 "preparation and template, the range's vectors from the vector cache a part at a time. Writes: "
-                 "the range's filled copy of the template, staging/index-fill/MODEL/RUN/shard-N.*.")
+    @task(doc_md="Mapped, one per fill range of a full build (none on an incremental night). Reads: the range's "
+                 "references and the template from staging, their vectors from the vector cache a part at a time. "
+                 "Writes: the range's filled copy of the template, staging/index-fill/MODEL/RUN/shard-N.*.")
     def fill_shard(spec: dict):
         from moderation import orchestration
 

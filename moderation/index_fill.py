@@ -14,7 +14,8 @@ per range, ``reference_index_nightly``'s ``fill_shard``) publish the same index.
 
 A sharded build keeps its objects under a run-scoped prefix
 (:class:`FillStaging`, ``staging/index-fill/MODEL/RUN/``): the prepared build,
-the trained template, one index and id list per range. The publishing task
+the trained template, and per range its references (all a fill task reads
+besides the template and the vectors) and its filled index and id list. The publishing task
 deletes them once the version is in force; ``moderation gc`` removes those of
 a build that died, once the grace period has passed.
 """
@@ -117,6 +118,23 @@ class FillStaging:
 
     def prepared(self) -> dict:
         return json.loads(self.store.get(self.prefix + "prepared.json"))
+
+    def put_range(self, i: int, refs: Sequence[ImageRef], build_id: str) -> None:
+        """Store range ``i``'s references (what its fill task reads instead of the whole preparation)."""
+        rows = [[r.image_id, r.location, r.sha256, r.fingerprint] for r in refs]
+        self.store.put(f"{self.prefix}range-{i:05d}.json", json.dumps({"build_id": build_id, "refs": rows}).encode(),
+                       "application/json")
+
+    def range_refs(self, i: int, build_id: str) -> list[ImageRef]:
+        """Range ``i``'s references; ModerationError unless they were staged for ``build_id``."""
+        try:
+            data = json.loads(self.store.get(f"{self.prefix}range-{i:05d}.json"))
+        except NotFoundError:
+            data = {"build_id": None}
+        if data["build_id"] != build_id:
+            raise ModerationError(f"the build staged under {self.prefix} was prepared again since this fill task "
+                                  "was mapped: clear the run's prepare_build task and everything after it")
+        return [ImageRef(*row) for row in data["refs"]]
 
     def put_template(self, template: ReferenceIndex) -> None:
         self._put_index("template", template)

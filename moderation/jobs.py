@@ -415,22 +415,21 @@ def train_fill_template(p: Pipeline, prepared: PreparedIndex, post: Postprocesso
         len(refs), prepared.factory, IndexOptions.from_settings(p.settings))
 
 
-def fill_range(p: Pipeline, prepared: PreparedIndex, template: ReferenceIndex, i: int, post: Postprocessor,
-               read_again) -> ReferenceIndex:
-    """A copy of ``template`` holding range ``i`` of the fill order (:func:`moderation.index_shards.build_shard`).
+def fill_range(p: Pipeline, model_version: str, template: ReferenceIndex, refs: list[ImageRef],
+               post: Postprocessor, read_again) -> ReferenceIndex:
+    """A copy of ``template`` holding ``refs`` (one range of the fill order), streamed from the vector cache.
 
-    Raises ModerationError when the cache and ``read_again`` give fewer
-    vectors than the range holds (the source changed: build again).
+    See :func:`moderation.index_shards.build_shard`. Raises ModerationError
+    when the cache and ``read_again`` give fewer vectors than ``refs`` (the
+    source changed: build again).
     """
     from moderation.index_fill import ordered_chunks
     from moderation.index_shards import build_shard
 
-    start, stop = prepared.ranges[i]
-    refs = prepared.fill_refs(start, stop)
-    shard = build_shard(template, ordered_chunks(VectorCache(p.store, prepared.model_version, Namespace.REFERENCES),
+    shard = build_shard(template, ordered_chunks(VectorCache(p.store, model_version, Namespace.REFERENCES),
                                                  refs, post.apply, read_again))
     if len(shard) != len(refs):
-        raise ModerationError(f"fill range {i} yielded {len(shard)} vectors for {len(refs)} references; "
+        raise ModerationError(f"a fill range yielded {len(shard)} vectors for {len(refs)} references; "
                               "the vector cache changed during the build: build again")
     return shard
 
@@ -440,8 +439,8 @@ def fill_index(p: Pipeline, prepared: PreparedIndex, post: Postprocessor, read_a
     from moderation.index_shards import merge_shards
 
     template = train_fill_template(p, prepared, post, read_again)
-    return merge_shards([fill_range(p, prepared, template, i, post, read_again)
-                         for i in range(len(prepared.ranges))])
+    return merge_shards([fill_range(p, prepared.model_version, template, prepared.fill_refs(start, stop), post,
+                                    read_again) for start, stop in prepared.ranges])
 
 
 def keep_current_index(p: Pipeline, prepared: PreparedIndex) -> IndexVersion:

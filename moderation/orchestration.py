@@ -562,46 +562,44 @@ def prepare_index_build(settings: Settings, plan: Mapping[str, Any], checked: Ma
         template = train_fill_template(p, prepared, post, reader.vectors)
         staging.put_template(template)
         prepared.template_sha = sha256_hex(template.serialise()[0])
-    # Last: a fill task checks the build id it was mapped with against this.
+        for i, (start, stop) in enumerate(prepared.ranges):
+            staging.put_range(i, prepared.fill_refs(start, stop), prepared.build_id)
     staging.put_prepared(prepared.to_dict())
     log.info("index build for %s: %s, %d references, %d fill shards staged under %s", model.version,
              prepared.mode, len(prepared.kept), len(prepared.ranges), staging.prefix)
-    return [{"model_version": model.version, "prefix": plan["prefix"], "run_id": run_id, "index": i,
-             "count": len(prepared.ranges), "build_id": prepared.build_id} for i in range(len(prepared.ranges))]
+    return [{"model_version": model.version, "stats_version": prepared.stats_version, "prefix": plan["prefix"],
+             "run_id": run_id, "index": i, "count": len(prepared.ranges), "build_id": prepared.build_id}
+            for i in range(len(prepared.ranges))]
 
 
 def fill_index_shard(settings: Settings, spec: Mapping[str, Any]) -> dict[str, Any]:
     """Fill one range of a staged full build: a copy of the template with that range's vectors; stage it.
 
-    Reads: the staged preparation and template, the range's vectors from the
-    vector cache a part at a time (an image only if its cached vector was
-    lost). Writes: ``staging/index-fill/MODEL/RUN/shard-N.*``. Raises
-    ModerationError if the staged preparation is not the one ``spec`` was
-    mapped for (rerun the DAG run), or the range's vectors fall short.
+    Reads: the range's references and the template from staging, their
+    vectors from the vector cache a part at a time (an image only if its
+    cached vector was lost), the pinned statistics. Writes:
+    ``staging/index-fill/MODEL/RUN/shard-N.*``. Raises ModerationError if
+    the build was prepared again since ``spec`` was mapped (rerun from
+    ``prepare_build``), or the range's vectors fall short.
     """
-    from moderation.jobs import PreparedIndex, _ReferenceReader, fill_range
+    from moderation.jobs import _ReferenceReader, fill_range
 
     p = open_pipeline(settings, spec["model_version"])
     staging = _staging(p, spec["model_version"], spec["run_id"])
-    prepared = PreparedIndex.from_dict(staging.prepared())
-    if prepared.build_id != spec["build_id"]:
-        raise ModerationError(f"the build staged under {staging.prefix} was prepared again since this fill task "
-                              "was mapped: clear the run's prepare_build task and everything after it")
     i = int(spec["index"])
-    stats = p.registry.manifest(Kind.STATS, prepared.stats_version, model_version=prepared.model_version)
+    refs = staging.range_refs(i, spec["build_id"])
+    stats = p.registry.manifest(Kind.STATS, spec["stats_version"], model_version=spec["model_version"])
     post, _ = p.load_stats(stats)
     readers: list = []
 
-    def read_again(refs):  # the model is loaded only if the cache lost a vector
+    def read_again(lost):  # the model is loaded only if the cache lost a vector
         if not readers:
-            model = p.current_model()
-            readers.append(_ReferenceReader(p, p.load(model), StoreSource(settings, spec["prefix"])))
-        return readers[0].vectors(refs)
+            readers.append(_ReferenceReader(p, p.load(p.current_model()), StoreSource(settings, spec["prefix"])))
+        return readers[0].vectors(lost)
 
-    shard = fill_range(p, prepared, staging.template(), i, post, read_again)
-    staging.put_shard(i, shard, prepared.build_id)
-    start, stop = prepared.ranges[i]
-    return {"index": i, "count": len(shard), "range": [start, stop]}
+    shard = fill_range(p, spec["model_version"], staging.template(), refs, post, read_again)
+    staging.put_shard(i, shard, spec["build_id"])
+    return {"index": i, "count": len(shard)}
 
 
 def publish_index_build(settings: Settings, plan: Mapping[str, Any], *, run_id: str) -> dict[str, Any]:
