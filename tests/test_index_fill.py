@@ -81,6 +81,7 @@ def test_sharded_full_build_publishes_what_one_process_builds(pipeline, factory)
 
     settings = replace(pipeline.settings, index_factory=factory)
     p = Pipeline(settings, pipeline.store, pipeline.db)
+    _next_second()
     single = build_reference_index(p, StoreSource(settings, "references/"), full=True)
     assert single.info["build"] == "full" and single.factory == factory and single.count == N_REFS
     _next_second()
