@@ -72,6 +72,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path: Path | str) -> str:
+    """The sha256 (hex) of a local file, read in blocks (never whole in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def image_id_from(location: str) -> str:
     """The id of an image: its file name without the suffix."""
     name = location.rsplit("/", 1)[-1]

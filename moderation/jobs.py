@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -38,7 +39,8 @@ from moderation.index_stream import build_index_streaming
 from moderation.matching import Candidate, candidates_csv, flagged, verification_csv
 from moderation.metrics import read_ground_truth
 from moderation.model_versions import LoadedModel, ensure_current_model, load_model
-from moderation.pdq import PdqConfig, PdqIndex, cached_hash, pdq_cache
+from moderation.pdq import BYTES as PDQ_BYTES
+from moderation.pdq import PdqConfig, PdqIndex, pdq_cache
 from moderation.pdq_matching import PDQ_FILE, merge_pairs
 from moderation.reference_controls import Controls, read_controls, register_banks
 from moderation.registry import (Calibration, IndexVersion, Kind, ModelVersion, Registry,
@@ -107,10 +109,21 @@ class Pipeline:
         return post, bg
 
     def load_index(self, version: IndexVersion) -> tuple[ReferenceIndex, dict[str, str]]:
-        index = ReferenceIndex.deserialise(self.registry.load(Kind.INDEX, version, "index.faiss"),
-                                           self.registry.load(Kind.INDEX, version, "ids.json"))
+        index = self.read_index(version)
         locations = json.loads(self.registry.load(Kind.INDEX, version, "locations.json"))
         return index, locations
+
+    def read_index(self, version: IndexVersion) -> ReferenceIndex:
+        """The version's FAISS index, read through a temporary local file so that only the index is in memory.
+
+        (Its bytes beside the index would double the peak: 5 GB more at 10M
+        references.) Raises IntegrityError when the file's sha256 disagrees
+        with the version's manifest, ModerationError when it is no index.
+        """
+        ids = self.registry.load(Kind.INDEX, version, "ids.json")
+        with tempfile.TemporaryDirectory(prefix="moderation-index-") as tmp:
+            path = self.registry.load_file(Kind.INDEX, version, "index.faiss", Path(tmp) / "index.faiss")
+            return ReferenceIndex.load(path, ids)
 
     def index_banks(self, version: IndexVersion, locations: dict[str, str]) -> dict[str, str]:
         """Reference id -> bank of an index version (all ``default`` for an index built before banks)."""
@@ -299,7 +312,7 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
 
     index, mode = None, "full"
     if base is not None:
-        index, _ = p.load_index(base)
+        index = p.read_index(base)
         prev_held, prev_held_ids = p.index_held_out(base)
         base_held = {rid: v for rid, v in zip(prev_held_ids, prev_held) if rid not in stale and rid in by_id}
         try:
@@ -320,8 +333,10 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
                                       len(kept), factory, options)
     trained = (base.info.get("trained_count") if mode == "incremental" else _trained_count(index))
     held_vecs = held_vectors(held_ids, base_held, vectors_of, index.dim)
-    pdq_index = reference_pdq(p, refs)
-    index_bytes, ids_bytes = index.serialise()
+    pdq_index = reference_pdq(p, refs, reader.pdq)
+    spool = tempfile.TemporaryDirectory(prefix="moderation-index-")
+    index_path = Path(spool.name) / "index.faiss"
+    ids_bytes = index.save(index_path)  # uploaded from the file: the index is never in memory twice
     held_buf = io.BytesIO()
     np.save(held_buf, np.ascontiguousarray(held_vecs, np.float32), allow_pickle=False)
     features = None if reader.features is None else {
@@ -338,7 +353,7 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
                                 "read": len(reader.attempted), "previous": previous.version if previous else None,
                                 "trained_count": trained, "retrain_growth": p.settings.index_retrain_growth,
                                 "pdq": None if pdq_index is None else {"hashes": len(pdq_index)}})
-    files = {"index.faiss": index_bytes, "ids.json": ids_bytes,
+    files = {"index.faiss": index_path, "ids.json": ids_bytes,
              "locations.json": json.dumps({r.image_id: r.location for r in refs}, sort_keys=True).encode(),
              "shas.json": json.dumps({r.image_id: r.sha256 for r in refs}, sort_keys=True).encode(),
              "banks.json": json.dumps(banks, sort_keys=True).encode(),
@@ -346,7 +361,8 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
              MANIFEST_FILE: manifest_bytes(refs)}
     if pdq_index is not None:
         files[PDQ_FILE] = pdq_index.to_bytes()
-    record = p.registry.publish(Kind.INDEX, record, files)
+    with spool:
+        record = p.registry.publish(Kind.INDEX, record, files)
     p.db.record_index(record)
     register_banks(p.db, Counter(banks.values()), record.version)
     log.info("published index %s (%s): %d references, factory %s, %d read", record.version, mode, record.count,
@@ -493,18 +509,36 @@ def _held_out(p: Pipeline, banks: dict[str, str]) -> set[str]:
     """
     held = read_controls(p.db).removed(banks)
     return held if len(held) < len(banks) else set()
-def reference_pdq(p: Pipeline, refs: list[ImageRef]) -> PdqIndex | None:
-    """The references' PDQ hashes (from the PDQ cache the embedding filled); None if MODERATION_PDQ is off.
+def reference_pdq(p: Pipeline, refs: list[ImageRef], cache: VectorCache | None = None) -> PdqIndex | None:
+    """The references' PDQ hashes, in ``refs`` order, from the PDQ cache the embedding filled; None if MODERATION_PDQ is off.
 
-    A reference whose hash could not be computed is left out (logged).
+    The cache is streamed a part at a time into one array (no object per
+    hash: 10M references hold 330 MB, not gigabytes). ``cache`` is the
+    build's own PDQ cache when it has one (its manifests already read). A
+    reference whose hash could not be computed is left out (logged).
     """
     if not p.settings.pdq:
         return None
-    cache = pdq_cache(p.store, Namespace.REFERENCES)
-    items = [(r.image_id, h) for r in refs if (h := cached_hash(cache, r.sha256)) is not None]
-    if len(items) < len(refs):
-        log.warning("%d of %d references have no PDQ hash", len(refs) - len(items), len(refs))
-    return PdqIndex.from_hashes(items)
+    cache = cache if cache is not None else pdq_cache(p.store, Namespace.REFERENCES)
+    position: dict[str, list[int]] = {}
+    for i, r in enumerate(refs):
+        position.setdefault(r.sha256, []).append(i)
+    codes = np.zeros((len(refs), PDQ_BYTES), np.uint8)
+    quality = np.full(len(refs), -1, np.int16)
+    found = np.zeros(len(refs), bool)
+    for shas, rows in cache.stream(list(position)):
+        if rows.shape[1] != PDQ_BYTES + 1:  # not PDQ rows: as if uncached
+            continue
+        at = [position[sha] for sha in shas]
+        rows_of = np.repeat(np.arange(len(shas)), [len(a) for a in at])
+        where = np.fromiter((i for a in at for i in a), np.int64, count=len(rows_of))
+        codes[where] = rows[rows_of, :PDQ_BYTES].astype(np.uint8)
+        quality[where] = np.maximum(rows[rows_of, PDQ_BYTES], -1).astype(np.int16)
+        found[where] = True
+    if not found.all():
+        log.warning("%d of %d references have no PDQ hash", int((~found).sum()), len(refs))
+    keep = np.flatnonzero(found)
+    return PdqIndex([refs[i].image_id for i in keep], codes[keep], quality[keep])
 
 
 def reference_features(p: Pipeline, source: ImageSource, result: EmbeddingResult) -> dict | None:

@@ -206,3 +206,68 @@ def test_ivf_index_grows_in_place_until_the_growth_factor_then_retrains(pipeline
     retrained = build_reference_index(ivf, source)
     assert retrained.info["build"] == "full" and retrained.info["trained_count"] == first.count + 3
     assert store.reads == Counter({"references/R_ivf2.jpg": 1, "references/R_ivf3.jpg": 1})
+
+
+class IndexTransfers(PassThrough):
+    """The real store, noting how ``index.faiss`` objects move: whole (get/put) or through a file."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.moves: list[str] = []
+
+    def get(self, key):
+        if key.endswith("/index.faiss"):
+            self.moves.append("get whole")
+        return self.inner.get(key)
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        if key.endswith("/index.faiss"):
+            self.moves.append("put whole")
+        self.inner.put(key, data, content_type)
+
+    def get_file(self, key, path):
+        if key.endswith("/index.faiss"):
+            self.moves.append("get file")
+        self.inner.get_file(key, path)
+
+    def put_file(self, key, path, content_type="application/octet-stream"):
+        if key.endswith("/index.faiss"):
+            self.moves.append("put file")
+        self.inner.put_file(key, path, content_type)
+
+
+def test_index_moves_through_files_and_pdq_hashes_stream(pipeline, monkeypatch):
+    """Bounded memory at 10M references: the index is never in memory beside its own bytes, and the
+    PDQ file is filled from the hash cache a part at a time, not one lookup (and one object) per hash."""
+    from moderation.embedding import StoreSource
+    from moderation.jobs import Pipeline, build_reference_index
+    from moderation.pdq import CACHE_MODEL, PdqIndex, cached_hash, pdq_cache
+    from moderation.pdq_matching import PDQ_FILE
+    from moderation.registry import Kind
+    from moderation.vector_cache import Namespace, VectorCache
+
+    p = pipeline
+    watched = IndexTransfers(p.store)
+    q = Pipeline(p.settings, watched, p.db)
+    one_by_one = []
+    real_get = VectorCache.get
+    monkeypatch.setattr(VectorCache, "get", lambda self, sha: (self.model_version == CACHE_MODEL
+                                                               and one_by_one.append(sha)) or real_get(self, sha))
+    source = StoreSource(p.settings, "references/")
+    build_reference_index(q, source)  # whatever the earlier tests left: now in force, Flat
+    watched.put("references/R_file.jpg", jpeg(8960))
+    watched.moves.clear()
+    version = build_reference_index(q, source)
+    assert version.info["build"] == "incremental"
+    assert watched.moves == ["get file", "put file"]
+    assert one_by_one == []
+    monkeypatch.setattr(VectorCache, "get", real_get)
+    # The streamed PDQ file holds what a lookup per reference gives, in the index's reference order.
+    pdq = PdqIndex.from_bytes(p.registry.load(Kind.INDEX, version, PDQ_FILE))
+    shas = p.index_shas(version)
+    cache = pdq_cache(p.store, Namespace.REFERENCES)
+    locations = p.load_index(version)[1]
+    expected = [(rid, cached_hash(cache, shas[rid])) for rid in sorted(shas, key=locations.__getitem__)]
+    assert pdq.ids == [rid for rid, _ in expected] and "R_file" in pdq.ids
+    assert [bytes(c) for c in pdq.codes] == [h.bits for _, h in expected]
+    assert list(pdq.quality) == [-1 if h.quality is None else h.quality for _, h in expected]
