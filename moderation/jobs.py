@@ -236,7 +236,13 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
     The rest are read once each (hash, decode, embed, PDQ and local features
     from the same bytes). An unchanged reference missing from a cache is read
     after all (logged). ``hints`` (location -> (fingerprint, sha256)) are shas
-    learned this run by the DAG's shards.
+    learned this run by the DAG's shards. A reference that failed for a
+    lasting reason is recorded in the manifest with its fingerprint; while
+    that is unchanged it is not read again, stays out of the index, and is
+    listed and counted as a failure (``info.failures``, ``not_read`` of them
+    carried over) so that the failure-rate gate sees the same set every night.
+    Reading keeps at most :data:`moderation.reference_reader.FRESH_VECTORS_MAX`
+    computed vectors in memory; beyond that they come back from the vector cache.
 
     Incremental index (:mod:`moderation.incremental_index`): with the same
     statistics version and factory, the previous index is updated (deleted
@@ -251,6 +257,7 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
     from moderation.incremental_index import can_update, content_hash, held_vectors, update_index
     from moderation.reference_changes import (MANIFEST_FILE, detect_changes, listed_refs, manifest_bytes,
                                               read_manifest)
+    from moderation.reference_reader import ReferenceReader
 
     full = p.settings.index_full_rebuild if full is None else full
     model = p.current_model()
@@ -276,13 +283,15 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
             log.info("building the index in full: %s", why)
     log.info("reference changes since %s: %s", previous.version if manifest is not None else "(none)",
              changes.summary())
-    reader = _ReferenceReader(p, loaded, source)
+    reader = ReferenceReader(p, loaded, source)
     # An unchanged reference's vector is needed only when the index is built from every vector;
     # one whose sha a shard gave (hinted) is added, so its vector is always needed.
     hinted = [r for r in changes.added if r.sha256]
     fresh = reader.read(changes.to_read + reader.missing_from_caches(changes.unchanged, need_vectors=base is None)
                         + reader.missing_from_caches(hinted, need_vectors=True))
-    failures = changes.duplicates + reader.failures
+    # A reference that failed with bytes unchanged since is failed still: listed and gated, not read again.
+    failures = changes.duplicates + reader.failures + [f.failure() for f in changes.still_failed]
+    failed = changes.still_failed + reader.lasting
     # A reference read this run counts as read: one that no longer decodes is a failure, not its old sha.
     known = {r.image_id: r for r in changes.unchanged + hinted if r.image_id not in reader.attempted}
     refs = [fresh.get(r.image_id) or known[r.image_id] for r in changes.unchanged + changes.added
@@ -293,7 +302,8 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
     banks = assign_banks(source, refs)
     held = _held_out(p, banks)
     content = content_hash(stats.version, factory, ((r.image_id, r.location, r.sha256, banks[r.image_id])
-                                                    for r in refs), held)
+                                                    for r in refs), held,
+                           failed=((f.image_id, f.location, f.fingerprint, f.reason) for f in failed))
     # A forced full build publishes what it built, even when the content is the same (a repair).
     if not full and (current := _current_if_unchanged(p, Kind.INDEX, model, content)):
         log.info("reference set unchanged: index %s stays in force", current.version)
@@ -328,7 +338,7 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
         if not kept:
             raise ModerationError("no reference vectors to index")
         # Streamed: a part of the vector cache at a time, never every vector at once (beyond the index itself).
-        first = [rid for rid in kept if rid in reader.fresh]
+        first = reader.fresh_ids(kept)
         index = build_index_streaming(lambda: reader.chunks([by_id[i] for i in kept], first, post.apply),
                                       len(kept), factory, options)
     trained = (base.info.get("trained_count") if mode == "incremental" else _trained_count(index))
@@ -343,10 +353,12 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
         "total": len(refs), "computed": reader.features["computed"], "failed": reader.features["failed"],
         "cached": len(refs) - reader.features["computed"] - reader.features["failed"],
         "config": reader.features["config"]}
-    record = IndexVersion(version=new_version_id(content), model_version=model.version,
+    # A forced full build must publish even the content in force, also within the second that published it.
+    record = IndexVersion(version=new_version_id("" if full else content), model_version=model.version,
                           stats_version=stats.version, count=len(index), dim=index.dim,
                           factory=index.factory, content_sha256=content,
-                          info={"failures": {"count": len(failures), "images": [asdict(f) for f in failures[:1000]]},
+                          info={"failures": {"count": len(failures), "images": [asdict(f) for f in failures[:1000]],
+                                             "not_read": len(changes.still_failed)},
                                 "cached": len(refs) - len(fresh) + reader.cached,
                                 "local_features": features, "banks": dict(Counter(banks.values())),
                                 "held_out": len(held_ids), "build": mode, "changes": changes.summary(),
@@ -358,7 +370,7 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
              "shas.json": json.dumps({r.image_id: r.sha256 for r in refs}, sort_keys=True).encode(),
              "banks.json": json.dumps(banks, sort_keys=True).encode(),
              "held_out.json": json.dumps(held_ids).encode(), "held_out.npy": held_buf.getvalue(),
-             MANIFEST_FILE: manifest_bytes(refs)}
+             MANIFEST_FILE: manifest_bytes(refs, failed)}
     if pdq_index is not None:
         files[PDQ_FILE] = pdq_index.to_bytes()
     with spool:
@@ -374,131 +386,6 @@ def _trained_count(index: ReferenceIndex) -> int | None:
     from moderation.incremental_index import trained_count
 
     return trained_count(index)
-
-
-class _ReferenceReader:
-    """Reads references for an index build, each at most once, and serves their vectors.
-
-    :meth:`read` hashes, decodes, embeds and describes (PDQ, local features)
-    from one read of each image; :meth:`vectors` takes vectors from what was
-    read, else from the vector cache, reading an image whose cached vector
-    turned out missing or corrupt. ``attempted`` holds every id read.
-    """
-
-    def __init__(self, p: Pipeline, loaded: LoadedModel, source: ImageSource):
-        from moderation.local_features import FeatureCache
-        from moderation.two_stage import TwoStageConfig
-
-        self.p, self.loaded, self.source = p, loaded, source
-        self.settings = loaded.settings_for(p.settings)
-        self._cache: VectorCache | None = None
-        self.pdq = pdq_cache(p.store, Namespace.REFERENCES) if p.settings.pdq else None
-        self.feature_cache = (FeatureCache(p.store, TwoStageConfig.from_settings(p.settings).features)
-                              if p.settings.verify else None)
-        self._feature_known: frozenset[str] | None = None
-        self.features = None if self.feature_cache is None else {
-            "computed": 0, "failed": 0, "config": self.feature_cache.config.key()}
-        self.fresh: dict[str, np.ndarray] = {}
-        self.failures: list = []
-        self.attempted: set[str] = set()
-        self.cached = 0
-
-    @property
-    def cache(self) -> VectorCache:
-        if self._cache is None:  # its manifests are read only if a vector is needed
-            self._cache = VectorCache(self.p.store, self.loaded.version, Namespace.REFERENCES)
-        return self._cache
-
-    def feature_known(self) -> frozenset[str]:
-        if self._feature_known is None:
-            self._feature_known = frozenset(self.feature_cache.known())
-        return self._feature_known
-
-    def missing_from_caches(self, refs: list[ImageRef], *, need_vectors: bool) -> list[ImageRef]:
-        """The refs (sha known) lacking a cache entry this build needs: they must be read after all."""
-        if not refs:
-            return []
-        missing: dict[str, str] = {}
-        if need_vectors:
-            known = self.cache.known()
-            missing.update((r.image_id, "vector") for r in refs if r.sha256 not in known)
-        if self.pdq is not None:
-            known = self.pdq.known()
-            missing.update((r.image_id, "PDQ hash") for r in refs
-                           if r.sha256 not in known and r.image_id not in missing)
-        if self.feature_cache is not None:
-            known = self.feature_known()
-            missing.update((r.image_id, "local features") for r in refs
-                           if r.sha256 not in known and r.image_id not in missing)
-        for rid, what in list(missing.items())[:20]:
-            log.warning("reference %s is unchanged but its %s is not cached: reading it", rid, what)
-        if len(missing) > 20:
-            log.warning("... %d unchanged references in all are read for a missing cache entry", len(missing))
-        return [replace(r, sha256="") for r in refs if r.image_id in missing]
-
-    def chunks(self, refs: list[ImageRef], fresh_ids: list[str], apply, size: int = 8192):
-        """(``apply``-ed vectors, ids) of ``refs``, a vector-cache part at a time (a streamed build's source).
-
-        ``fresh_ids`` (read this run, fixed by the caller so that both passes
-        agree) come first, then each cache part holding any of the others
-        (:meth:`VectorCache.stream`: memory is one part), then, read again,
-        any whose part turned out lost. Every ref comes exactly once.
-        """
-        for s in range(0, len(fresh_ids), size):
-            ids = fresh_ids[s:s + size]
-            yield apply(np.stack([self.fresh[i] for i in ids])), ids
-        skip = set(fresh_ids)
-        ids_of: dict[str, list[str]] = {}
-        for r in refs:
-            if r.image_id not in skip:
-                ids_of.setdefault(r.sha256, []).append(r.image_id)
-        for shas, vectors in self.cache.stream(list(ids_of)):
-            rows, ids = [], []
-            for j, sha in enumerate(shas):
-                for rid in ids_of.pop(sha, ()):  # one image under several ids: each gets the vector
-                    rows.append(j)
-                    ids.append(rid)
-            if ids:
-                yield apply(vectors[rows]), ids
-        rest = [r for r in refs if r.sha256 in ids_of]
-        for s in range(0, len(rest), size):
-            part = rest[s:s + size]
-            yield apply(self.vectors(part)), [r.image_id for r in part]
-
-    def read(self, refs: list[ImageRef]) -> dict[str, ImageRef]:
-        """Read ``refs`` (once each); returns id -> ref with its sha256 for those that decoded."""
-        if not refs:
-            return {}
-        self.attempted.update(r.image_id for r in refs)
-        result = embed(self.loaded.module, self.source, self.settings, cache=self.cache,
-                       device=resolve_device(self.settings.device.value), refs=refs, desc="embedding references",
-                       pdq_cache=self.pdq, feature_cache=self.feature_cache,
-                       feature_known=None if self.feature_cache is None else self.feature_known())
-        log.info("read %d references (%d vectors from cache, %d failed)", len(refs), result.cached,
-                 len(result.failures))
-        self.cached += result.cached
-        self.failures += result.failures
-        if result.features is not None:
-            self.features["computed"] += result.features["computed"]
-            self.features["failed"] += result.features["failed"]
-        self.fresh.update(zip(result.ids, result.vectors))
-        return {r.image_id: r for r in result.refs}
-
-    def vectors(self, refs: list[ImageRef]) -> np.ndarray:
-        """Raw vectors of ``refs`` in order (read this run, else from the cache, else read now)."""
-        out = [self.fresh.get(r.image_id) for r in refs]
-        for i, r in enumerate(refs):
-            if out[i] is None:
-                out[i] = self.cache.get(r.sha256)
-        lost = [r for r, v in zip(refs, out) if v is None]
-        if lost:
-            log.warning("%d cached reference vectors were missing or corrupt: reading those images", len(lost))
-            self.read([replace(r, sha256="") for r in lost])
-            out = [v if v is not None else self.fresh.get(r.image_id) for r, v in zip(refs, out)]
-            if any(v is None for v in out):
-                raise ModerationError("a reference whose cached vector was lost no longer decodes; "
-                                      "rebuild the index in full (`moderation index build --full`)")
-        return np.stack(out).astype(np.float32)
 
 
 def _held_out(p: Pipeline, banks: dict[str, str]) -> set[str]:

@@ -139,11 +139,15 @@ class VectorCache:
     or its part turned out missing or corrupt (then the part is dropped and
     the caller must embed the image again). :meth:`add` persists new
     vectors as one part (idempotent: shas already known are not written
-    again). ``store`` None keeps everything in memory.
+    again). ``store`` None keeps everything in memory. With ``keep_added``
+    False (and a store), added vectors are not kept in memory: the new part
+    is known by its manifest, like a part written by another job, and read
+    back when asked for (a job that adds more vectors than it can hold).
     """
 
     def __init__(self, store: ObjectStore | None, model_version: str,
-                 namespace: Namespace = Namespace.REFERENCES, *, warn_legacy: bool = True):
+                 namespace: Namespace = Namespace.REFERENCES, *, warn_legacy: bool = True,
+                 keep_added: bool = True):
         self.store = store
         self.model_version = model_version
         self.namespace = Namespace(namespace)
@@ -151,6 +155,7 @@ class VectorCache:
         self._where: dict[str, str] = {}  # sha -> part key
         self._manifests: dict[str, PartManifest] = {}  # part key -> manifest, until loaded
         self._vectors: dict[str, np.ndarray] = {}
+        self.keep_added = keep_added or store is None
         if store is not None:
             self._read_manifests(warn_legacy)
 
@@ -280,10 +285,17 @@ class VectorCache:
                 new[sha] = np.asarray(vec, dtype=np.float32)
         if not new:
             return
-        self._vectors.update(new)
+        if self.keep_added:
+            self._vectors.update(new)
         if self.store is None:
             return
-        write_part(self.store, self.model_version, self.namespace, list(new), np.stack(list(new.values())))
+        manifest = write_part(self.store, self.model_version, self.namespace, list(new),
+                              np.stack(list(new.values())))
+        if not self.keep_added:
+            key = f"{self.prefix}{manifest.part}"
+            self._manifests[key] = manifest
+            for sha in manifest.shas:
+                self._where[sha] = key
 
 
 def write_part(store: ObjectStore, model_version: str, namespace: Namespace, shas: Sequence[str],
