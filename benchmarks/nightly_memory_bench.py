@@ -25,11 +25,13 @@ Each step runs in its own process, which reports its peak resident memory
 more disk than this machine has at 10M; PDQ is on.
 
 Usage: nice -n 5 .venv/bin/python benchmarks/nightly_memory_bench.py --n 1000000 [--out FILE]
+       (at 10M, in stages: --home DIR --steps prepare, then --home DIR --steps full,nightly)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -190,27 +192,34 @@ def main() -> None:
     ap.add_argument("--new-fraction", type=float, default=0.001, help="new references the night brings")
     ap.add_argument("--part-size", type=int, default=50_000, help="vectors per cache part")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--home", type=Path, default=None,
+                    help="keep the state in this folder (created) instead of a temporary one; with --steps, "
+                         "a later run can take up where an earlier one stopped")
+    ap.add_argument("--steps", default="prepare,full,nightly", help="which steps to run, in order")
     ap.add_argument("--child", choices=["prepare", "full", "nightly"], help=argparse.SUPPRESS)
-    ap.add_argument("--home", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
         return
     load_before = os.getloadavg()
     n_new = max(1, round(args.n * args.new_fraction))
-    with tempfile.TemporaryDirectory(prefix="nightly-memory-", dir=os.environ.get("BENCH_TMP")) as tmp:
-        home = Path(tmp)
-        prepare = run_step(args, home, "prepare", args.n)
-        full = run_step(args, home, "full", args.n)
-        nightly = run_step(args, home, "nightly", args.n + n_new)
-        store_bytes = sum(f.stat().st_size for f in home.rglob("*") if f.is_file())
-    out = {"n_references": args.n, "new": n_new, "verify": False, "pdq": True,
-           "prepare": prepare, "full": full, "nightly": nightly, "home_bytes": store_bytes,
-           "loadavg_before": [round(x, 2) for x in load_before],
-           "loadavg_after": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
-           "command": " ".join(["benchmarks/nightly_memory_bench.py", *sys.argv[1:]])}
+    steps = args.steps.split(",")
+    with contextlib.ExitStack() as stack:
+        if args.home is None:
+            home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nightly-memory-",
+                                                                        dir=os.environ.get("BENCH_TMP"))))
+        else:
+            home = args.home
+            home.mkdir(parents=True, exist_ok=True)
+        out = {"n_references": args.n, "new": n_new, "verify": False, "pdq": True}
+        for step in steps:
+            out[step] = run_step(args, home, step, args.n + n_new if step == "nightly" else args.n)
+        out["home_bytes"] = sum(f.stat().st_size for f in home.rglob("*") if f.is_file())
+    out.update({"loadavg_before": [round(x, 2) for x in load_before],
+                "loadavg_after": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
+                "command": " ".join(["benchmarks/nightly_memory_bench.py", *sys.argv[1:]])})
     print(json.dumps(out, indent=2))
-    path = args.out or ROOT / "benchmarks" / "results" / f"nightly_memory_{args.n}.json"
+    path = args.out or ROOT / "benchmarks" / "results" / f"nightly_memory_{args.n}_{'_'.join(steps)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
 

@@ -43,7 +43,7 @@ MAX_SIDE_PX = 30_000
 MAX_ASPECT = 50.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # millions of them in a nightly build at scale
 class ImageRef:
     """One input image: its id (file stem or key stem), where it lives, and its content hash.
 

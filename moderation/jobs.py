@@ -270,18 +270,20 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
     if previous is not None and not full and MANIFEST_FILE in previous.files:
         manifest = read_manifest(p.registry.load(Kind.INDEX, previous, MANIFEST_FILE))
     changes = detect_changes(listed_refs(source), manifest, hints)
+    incremental_possible = manifest is not None
+    del manifest  # an entry per reference: at 10M, gigabytes the rest of the build does not need
     # `auto` resolves by size (Flat, IVF with more lists as the set grows): an update in place needs the
     # previous version's resolved factory to be the one this size calls for.
     options = IndexOptions.from_settings(p.settings)
     factory = plan_index(len(changes.unchanged) + len(changes.added), p.settings.index_factory, options).factory
     base = None
-    if manifest is not None:
+    if incremental_possible:
         ok, why = can_update(previous, stats.version, factory, len(changes.unchanged) + len(changes.added),
                              p.settings.index_retrain_growth)
         base = previous if ok else None
         if not ok:
             log.info("building the index in full: %s", why)
-    log.info("reference changes since %s: %s", previous.version if manifest is not None else "(none)",
+    log.info("reference changes since %s: %s", previous.version if incremental_possible else "(none)",
              changes.summary())
     reader = ReferenceReader(p, loaded, source)
     # An unchanged reference's vector is needed only when the index is built from every vector;

@@ -24,6 +24,7 @@ written before the ``failed`` section existed load with none.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -34,7 +35,7 @@ MANIFEST_FILE = "references.json"
 MANIFEST_FORMAT = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ManifestEntry:
     """One indexed reference as the manifest records it."""
 
@@ -90,7 +91,10 @@ def read_manifest(data: bytes) -> Manifest:
         raw = json.loads(data)
         if raw.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {raw.get('format')!r}")
-        references = {row[0]: ManifestEntry(*map(str, row)) for row in raw["references"]}
+        # The sha is interned: the caches' manifests, the refs and this entry then share one string (at 10M
+        # references each copy would cost a gigabyte).
+        references = {row[0]: ManifestEntry(str(row[0]), str(row[1]), str(row[2]), sys.intern(str(row[3])))
+                      for row in raw["references"]}
         failed = {row[0]: FailedReference(*map(str, row)) for row in raw.get("failed", [])}
         return Manifest(references, failed)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:

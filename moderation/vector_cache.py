@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import re
+import sys
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -94,6 +95,8 @@ class PartManifest:
             record.created
         except (TypeError, ValueError):
             raise ValueError(f"created_at {record.created_at!r} is not a timestamp") from None
+        # Interned: the reference manifest and the other caches hold the same shas (one string, not four).
+        record.shas[:] = map(sys.intern, record.shas)
         return record
 
 
