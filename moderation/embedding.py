@@ -133,13 +133,23 @@ def _worker_store(settings: Settings) -> ObjectStore:
 
 @dataclass
 class EmbeddingResult:
-    """Vectors of the images that decoded, in ``refs`` order, and the failures."""
+    """Vectors of the images that decoded, in ``refs`` order, and the failures.
+
+    ``embedded`` is None unless the embedding was asked not to fetch cached
+    vectors (``embed(fetch_cached=False)``): then ``vectors`` holds only the
+    images embedded by this call, and ``embedded`` their positions in ``refs``.
+    ``retryable`` are the locations of failures that may pass if read again
+    (an unexpected error fetching the bytes); every other failure is a
+    property of the bytes or of their size, and repeats while they are unchanged.
+    """
 
     refs: list[ImageRef]
     vectors: np.ndarray
     failures: list[Failure] = field(default_factory=list)
     cached: int = 0
     features: dict | None = None  # with a feature cache: counts of local features computed/failed
+    embedded: list[int] | None = None
+    retryable: list[str] = field(default_factory=list)
 
     @property
     def ids(self) -> list[str]:
@@ -210,8 +220,16 @@ class _Images(Dataset):
             return None, f"{type(exc).__name__}: {exc}"
 
 
+# The reason of a fetch that failed unexpectedly (network, disk): the one failure worth retrying unchanged bytes for.
+READ_ERROR = "unreadable"
+
+
 def read_input(source: ImageSource, ref: ImageRef) -> tuple[bytes, str, str]:
-    """(bytes, "", "") or (b"", reason, detail): the first step of every image, in a worker."""
+    """(bytes, "", "") or (b"", reason, detail): the first step of every image, in a worker.
+
+    ``reason`` is :data:`READ_ERROR` only for an unexpected error of the
+    source; a refusal by the source (BadImageError) keeps its own reason.
+    """
     try:
         ref.image_id.encode("utf-8")
     except UnicodeEncodeError:
@@ -222,7 +240,7 @@ def read_input(source: ImageSource, ref: ImageRef) -> tuple[bytes, str, str]:
     except BadImageError as exc:  # refused by the source itself (a link, a FIFO, too large)
         return b"", exc.reason, exc.detail
     except Exception as exc:
-        return b"", "unreadable", f"{type(exc).__name__}: {exc}"
+        return b"", READ_ERROR, f"{type(exc).__name__}: {exc}"
 
 
 def skipped(ref: ImageRef, reason: str, detail: str) -> Failure:
@@ -260,7 +278,7 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
           cache: VectorCache | None = None, device: torch.device | None = None,
           refs: list[ImageRef] | None = None, desc: str = "embedding",
           pdq_cache: VectorCache | None = None, feature_cache=None,
-          feature_known: frozenset[str] | None = None) -> EmbeddingResult:
+          feature_known: frozenset[str] | None = None, fetch_cached: bool = True) -> EmbeddingResult:
     """Embed every image of ``source`` (or the given ``refs``) with ``model``.
 
     Returns vectors (float32, unit-norm if the model normalises) for the
@@ -275,6 +293,10 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
     bytes and stored; one that cannot be described is logged and counted in
     ``result.features``, and its vector is still returned. ``feature_known``:
     the shas with stored features, if the caller has listed them already.
+    With ``fetch_cached`` False (and a ``cache``), a vector the cache holds is
+    not fetched: the image is in ``result.refs`` with its sha256 and its
+    vector stays in the cache (``result.embedded`` names the rows of
+    ``result.vectors``); memory then grows with the images embedded only.
     """
     from tqdm import tqdm
 
@@ -297,6 +319,8 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
     new_shas: list[str] = []
     new_vecs: list[np.ndarray] = []
     new_pdq: dict[str, PdqHash] = {}
+    from_cache: set[int] = set()
+    retryable: list[str] = []
     feature_counts = {"computed": 0, "failed": 0}
     if hasattr(model, "eval"):
         model.eval()
@@ -312,6 +336,11 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
                 if feats is not None:
                     _store_features(feature_cache, ref, sha, feats, feature_counts)
                 if tensor is None and not reason:
+                    if not fetch_cached:  # known from the manifests; a lost part is read again by whoever needs it
+                        shas[i] = sha
+                        from_cache.add(i)
+                        n_cached += 1
+                        continue
                     if (vec := cache.get(sha)) is not None:
                         vectors[i], shas[i] = vec, sha
                         n_cached += 1
@@ -320,6 +349,8 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
                     _, sha, tensor, _, reason, detail, _ = dataset.item(i, frozenset())
                 if reason:
                     failures.append(skipped(ref, reason, detail))
+                    if not sha and reason == READ_ERROR:
+                        retryable.append(ref.location)
                 else:
                     todo.append((i, sha, tensor))
             if todo:
@@ -335,13 +366,16 @@ def embed(model: Callable, source: ImageSource, settings: Settings, *,
         cache.add(new_shas, np.stack(new_vecs))
     if pdq_cache is not None:
         add_hashes(pdq_cache, new_pdq)
-    order = sorted(vectors)
+    order = sorted(vectors.keys() | from_cache)
     # The fingerprint stays the listing's: if the bytes changed after it, the next run sees a new one.
     out_refs = [replace(refs[i], sha256=shas[i]) for i in order]
+    rows = [j for j, i in enumerate(order) if i in vectors]
     dim = next(iter(vectors.values())).shape[0] if vectors else 0
-    mat = np.stack([vectors[i] for i in order]).astype(np.float32) if order else np.zeros((0, dim), np.float32)
+    mat = (np.stack([vectors[order[j]] for j in rows]).astype(np.float32) if rows
+           else np.zeros((0, dim), np.float32))
     return EmbeddingResult(out_refs, mat, failures, n_cached,
-                           features=None if feature_cache is None else feature_counts)
+                           features=None if feature_cache is None else feature_counts,
+                           embedded=None if fetch_cached else rows, retryable=retryable)
 
 
 def _store_features(cache, ref: ImageRef, sha: str, feats: tuple[bytes | None, str], counts: dict) -> None:

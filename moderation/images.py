@@ -43,7 +43,7 @@ MAX_SIDE_PX = 30_000
 MAX_ASPECT = 50.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # millions of them in a nightly build at scale
 class ImageRef:
     """One input image: its id (file stem or key stem), where it lives, and its content hash.
 
@@ -70,6 +70,15 @@ class Failure:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path | str) -> str:
+    """The sha256 (hex) of a local file, read in blocks (never whole in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def image_id_from(location: str) -> str:

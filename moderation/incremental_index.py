@@ -22,12 +22,15 @@ from moderation.registry import IndexVersion
 
 
 def content_hash(stats_version: str, factory: str, rows: Iterable[tuple[str, str, str, str]],
-                 held_ids: Iterable[str]) -> str:
+                 held_ids: Iterable[str], failed: Iterable[tuple[str, ...]] = ()) -> str:
     """The content hash of an index version without its vectors in memory.
 
     ``rows`` are (id, location, sha256, bank) per reference: the vectors are a
     function of the sha256, the model and the statistics version, so equal
-    rows, statistics and factory mean an equal index.
+    rows, statistics and factory mean an equal index. ``failed`` rows (the
+    manifest's failed references) count too, so that a new lasting failure
+    is published and not read again; without any the hash is what it was
+    before they were recorded.
     """
     digest = hashlib.sha256()
     digest.update(json.dumps([stats_version, factory]).encode())
@@ -35,6 +38,9 @@ def content_hash(stats_version: str, factory: str, rows: Iterable[tuple[str, str
         digest.update(json.dumps(list(row)).encode())
         digest.update(b"\n")
     digest.update(json.dumps(sorted(held_ids)).encode())
+    failed_rows = sorted(list(row) for row in failed)
+    if failed_rows:
+        digest.update(json.dumps(["failed", failed_rows]).encode())
     return digest.hexdigest()
 
 

@@ -4,6 +4,9 @@ A full index build trains one empty index on a sample of the kept vectors
 and then adds every one of them. Both passes read the vector cache a part at
 a time, in the *fill order* (:func:`fill_order`: part key, then row in the
 part; what :meth:`VectorCache.stream` yields), never every vector at once.
+Part keys sort in write order (:func:`moderation.vector_cache.write_part`),
+so the order does not depend on how the reads that computed the vectors were
+batched (:mod:`moderation.reference_reader`): the index is the same.
 The fill is cut into contiguous ranges of that order (:func:`fill_ranges`);
 each range fills a copy of the trained template
 (:func:`moderation.index_shards.build_shard`) and the copies are merged in
@@ -15,22 +18,26 @@ per range, ``reference_index_nightly``'s ``fill_shard``) publish the same index.
 A sharded build keeps its objects under a run-scoped prefix
 (:class:`FillStaging`, ``staging/index-fill/MODEL/RUN/``): the prepared build,
 the trained template, and per range its references (all a fill task reads
-besides the template and the vectors) and its filled index and id list. The publishing task
-deletes them once the version is in force; ``moderation gc`` removes those of
-a build that died, once the grace period has passed.
+besides the template and the vectors) and its filled index and id list;
+index files go to and from the store through local files, never whole in
+memory beside the index. The publishing task deletes them once the version
+is in force; ``moderation gc`` removes those of a build that died, once the
+grace period has passed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from moderation.errors import ModerationError, NotFoundError
-from moderation.images import ImageRef
+from moderation.images import ImageRef, file_sha256
 from moderation.index import ReferenceIndex
 from moderation.index_stream import Chunk
 from moderation.store import ObjectStore
@@ -136,8 +143,9 @@ class FillStaging:
                                   "was mapped: clear the run's prepare_build task and everything after it")
         return [ImageRef(*row) for row in data["refs"]]
 
-    def put_template(self, template: ReferenceIndex) -> None:
-        self._put_index("template", template)
+    def put_template(self, template: ReferenceIndex) -> str:
+        """Store the trained empty index; returns the sha256 of its staged file."""
+        return self._put_index("template", template)
 
     def template(self) -> ReferenceIndex:
         return self._index("template")
@@ -167,11 +175,19 @@ class FillStaging:
             self.store.delete(key)
         return len(keys)
 
-    def _put_index(self, name: str, index: ReferenceIndex) -> None:
-        index_bytes, ids_bytes = index.serialise()
-        self.store.put(f"{self.prefix}{name}.faiss", index_bytes)
+    # Through a local file: an index's bytes in memory beside the index would double the peak.
+    def _put_index(self, name: str, index: ReferenceIndex) -> str:
+        with tempfile.TemporaryDirectory(prefix="moderation-fill-") as tmp:
+            path = Path(tmp) / "index.faiss"
+            ids_bytes = index.save(path)
+            self.store.put_file(f"{self.prefix}{name}.faiss", path)
+            sha = file_sha256(path)
         self.store.put(f"{self.prefix}{name}.ids.json", ids_bytes, "application/json")
+        return sha
 
     def _index(self, name: str) -> ReferenceIndex:
-        return ReferenceIndex.deserialise(self.store.get(f"{self.prefix}{name}.faiss"),
-                                          self.store.get(f"{self.prefix}{name}.ids.json"))
+        ids_bytes = self.store.get(f"{self.prefix}{name}.ids.json")
+        with tempfile.TemporaryDirectory(prefix="moderation-fill-") as tmp:
+            path = Path(tmp) / "index.faiss"
+            self.store.get_file(f"{self.prefix}{name}.faiss", path)
+            return ReferenceIndex.load(path, ids_bytes)

@@ -17,10 +17,12 @@ import io
 import json
 import logging
 import math
+import tempfile
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,7 +39,8 @@ from moderation.index_config import IndexOptions, plan_index
 from moderation.matching import Candidate, candidates_csv, flagged, verification_csv
 from moderation.metrics import read_ground_truth
 from moderation.model_versions import LoadedModel, ensure_current_model, load_model
-from moderation.pdq import PdqConfig, PdqIndex, cached_hash, pdq_cache
+from moderation.pdq import BYTES as PDQ_BYTES
+from moderation.pdq import PdqConfig, PdqIndex, pdq_cache
 from moderation.pdq_matching import PDQ_FILE, merge_pairs
 from moderation.reference_controls import Controls, read_controls, register_banks
 from moderation.registry import (Calibration, IndexVersion, Kind, ModelVersion, Registry,
@@ -46,6 +49,10 @@ from moderation.statistics import BackgroundIndex, Postprocessor, fit_statistics
 from moderation.store import ObjectStore, open_store
 from moderation.suppression import rejected_pairs, split_suppressed, suppressed_csv
 from moderation.vector_cache import Namespace, VectorCache
+
+if TYPE_CHECKING:
+    from moderation.reference_changes import FailedReference
+    from moderation.reference_reader import ReferenceReader
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +113,21 @@ class Pipeline:
         return post, bg
 
     def load_index(self, version: IndexVersion) -> tuple[ReferenceIndex, dict[str, str]]:
-        index = ReferenceIndex.deserialise(self.registry.load(Kind.INDEX, version, "index.faiss"),
-                                           self.registry.load(Kind.INDEX, version, "ids.json"))
+        index = self.read_index(version)
         locations = json.loads(self.registry.load(Kind.INDEX, version, "locations.json"))
         return index, locations
+
+    def read_index(self, version: IndexVersion) -> ReferenceIndex:
+        """The version's FAISS index, read through a temporary local file so that only the index is in memory.
+
+        (Its bytes beside the index would double the peak: 5 GB more at 10M
+        references.) Raises IntegrityError when the file's sha256 disagrees
+        with the version's manifest, ModerationError when it is no index.
+        """
+        ids = self.registry.load(Kind.INDEX, version, "ids.json")
+        with tempfile.TemporaryDirectory(prefix="moderation-index-") as tmp:
+            path = self.registry.load_file(Kind.INDEX, version, "index.faiss", Path(tmp) / "index.faiss")
+            return ReferenceIndex.load(path, ids)
 
     def index_banks(self, version: IndexVersion, locations: dict[str, str]) -> dict[str, str]:
         """Reference id -> bank of an index version (all ``default`` for an index built before banks)."""
@@ -221,7 +239,10 @@ class PreparedIndex:
     in fill order (:mod:`moderation.index_fill`), cut into ``ranges``).
     ``refs`` are every reference of the version, in location order; ``held``
     the disabled ones left out of the index; ``stale`` the ids whose content
-    changed (removed from a base and added again). ``info`` holds what the
+    changed (removed from a base and added again); ``failed`` the lasting
+    failures the version's manifest records (not read again while
+    unchanged). ``forced``: a forced full build, published under a fresh
+    version id even when its content is in force. ``info`` holds what the
     preparation counted (failures, reads, cache hits). JSON round trip:
     :meth:`to_dict` / :meth:`from_dict`, for a sharded build's staging.
     """
@@ -242,6 +263,7 @@ class PreparedIndex:
     ranges: list[tuple[int, int]] = field(default_factory=list)
     template_sha: str = ""  # of the staged template a sharded fill copies ("" until staged)
     info: dict = field(default_factory=dict)
+    failed: list[FailedReference] = field(default_factory=list)
 
     @property
     def kept(self) -> list[str]:
@@ -260,15 +282,19 @@ class PreparedIndex:
         return [by_id[i] for i in self.fill[start:stop]]
 
     def to_dict(self) -> dict:
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: no deep copy of every ref
         out["refs"] = [[r.image_id, r.location, r.sha256, r.fingerprint] for r in self.refs]
+        out["failed"] = [[f.image_id, f.location, f.fingerprint, f.reason, f.detail] for f in self.failed]
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping) -> PreparedIndex:
+        from moderation.reference_changes import FailedReference
+
         values = dict(data)
         values["refs"] = [ImageRef(*row) for row in values["refs"]]
         values["ranges"] = [tuple(r) for r in values["ranges"]]
+        values["failed"] = [FailedReference(*row) for row in values.get("failed", [])]
         return cls(**values)
 
 
@@ -283,7 +309,13 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
     The rest are read once each (hash, decode, embed, PDQ and local features
     from the same bytes). An unchanged reference missing from a cache is read
     after all (logged). ``hints`` (location -> (fingerprint, sha256)) are shas
-    learned this run by the DAG's shards.
+    learned this run by the DAG's shards. A reference that failed for a
+    lasting reason is recorded in the manifest with its fingerprint; while
+    that is unchanged it is not read again, stays out of the index, and is
+    listed and counted as a failure (``info.failures``, ``not_read`` of them
+    carried over) so that the failure-rate gate sees the same set every night.
+    Reading keeps at most :data:`moderation.reference_reader.FRESH_VECTORS_MAX`
+    computed vectors in memory; beyond that they come back from the vector cache.
 
     Incremental index (:mod:`moderation.incremental_index`): with the same
     statistics version and factory, the previous index is updated (deleted
@@ -309,7 +341,7 @@ def build_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None
 def prepare_reference_index(p: Pipeline, source: ImageSource, *, full: bool | None = None,
                             hints: Mapping[str, tuple[str, str]] | None = None,
                             fill_shard_size: int | None = None,
-                            max_fill_shards: int | None = None) -> tuple[PreparedIndex, _ReferenceReader]:
+                            max_fill_shards: int | None = None) -> tuple[PreparedIndex, ReferenceReader]:
     """Detect the changes, read what must be read, and decide the build (see :func:`build_reference_index`).
 
     Every vector the build needs is in the vector cache afterwards. A full
@@ -321,6 +353,7 @@ def prepare_reference_index(p: Pipeline, source: ImageSource, *, full: bool | No
     """
     from moderation.incremental_index import can_update, content_hash
     from moderation.reference_changes import MANIFEST_FILE, detect_changes, listed_refs, read_manifest
+    from moderation.reference_reader import ReferenceReader
 
     full = p.settings.index_full_rebuild if full is None else full
     model = p.current_model()
@@ -332,26 +365,30 @@ def prepare_reference_index(p: Pipeline, source: ImageSource, *, full: bool | No
     if previous is not None and not full and MANIFEST_FILE in previous.files:
         manifest = read_manifest(p.registry.load(Kind.INDEX, previous, MANIFEST_FILE))
     changes = detect_changes(listed_refs(source), manifest, hints)
+    incremental_possible = manifest is not None
+    del manifest  # an entry per reference: at 10M, gigabytes the rest of the build does not need
     # `auto` resolves by size (Flat, IVF with more lists as the set grows): an update in place needs the
     # previous version's resolved factory to be the one this size calls for.
     options = IndexOptions.from_settings(p.settings)
     factory = plan_index(len(changes.unchanged) + len(changes.added), p.settings.index_factory, options).factory
     base = None
-    if manifest is not None:
+    if incremental_possible:
         ok, why = can_update(previous, stats.version, factory, len(changes.unchanged) + len(changes.added),
                              p.settings.index_retrain_growth)
         base = previous if ok else None
         if not ok:
             log.info("building the index in full: %s", why)
-    log.info("reference changes since %s: %s", previous.version if manifest is not None else "(none)",
+    log.info("reference changes since %s: %s", previous.version if incremental_possible else "(none)",
              changes.summary())
-    reader = _ReferenceReader(p, loaded, source)
+    reader = ReferenceReader(p, loaded, source)
     # An unchanged reference's vector is needed only when the index is built from every vector;
     # one whose sha a shard gave (hinted) is added, so its vector is always needed.
     hinted = [r for r in changes.added if r.sha256]
     fresh = reader.read(changes.to_read + reader.missing_from_caches(changes.unchanged, need_vectors=base is None)
                         + reader.missing_from_caches(hinted, need_vectors=True))
-    failures = changes.duplicates + reader.failures
+    # A reference that failed with bytes unchanged since is failed still: listed and gated, not read again.
+    failures = changes.duplicates + reader.failures + [f.failure() for f in changes.still_failed]
+    failed = changes.still_failed + reader.lasting
     # A reference read this run counts as read: one that no longer decodes is a failure, not its old sha.
     known = {r.image_id: r for r in changes.unchanged + hinted if r.image_id not in reader.attempted}
     refs = [fresh.get(r.image_id) or known[r.image_id] for r in changes.unchanged + changes.added
@@ -362,7 +399,8 @@ def prepare_reference_index(p: Pipeline, source: ImageSource, *, full: bool | No
     banks = assign_banks(source, refs)
     held = _held_out(p, banks)
     content = content_hash(stats.version, factory, ((r.image_id, r.location, r.sha256, banks[r.image_id])
-                                                    for r in refs), held)
+                                                    for r in refs), held,
+                           failed=((f.image_id, f.location, f.fingerprint, f.reason) for f in failed))
     features = None if reader.features is None else {
         "total": len(refs), "computed": reader.features["computed"], "failed": reader.features["failed"],
         "cached": len(refs) - reader.features["computed"] - reader.features["failed"],
@@ -376,7 +414,9 @@ def prepare_reference_index(p: Pipeline, source: ImageSource, *, full: bool | No
         refs=refs, banks=banks, held=[r.image_id for r in refs if r.image_id in held],
         # A reference whose bytes were read this run may differ from the indexed one even under its old id.
         stale=sorted(set(changes.replaced) | set(fresh)),
-        info={"failures": {"count": len(failures), "images": [asdict(f) for f in failures[:1000]]},
+        failed=failed,
+        info={"failures": {"count": len(failures), "images": [asdict(f) for f in failures[:1000]],
+                           "not_read": len(changes.still_failed)},
               "cached": len(refs) - len(fresh) + reader.cached, "local_features": features,
               "changes": changes.summary(), "read": len(reader.attempted)})
     if prepared.mode == "full":
@@ -452,7 +492,7 @@ def keep_current_index(p: Pipeline, prepared: PreparedIndex) -> IndexVersion:
     return current
 
 
-def publish_reference_index(p: Pipeline, prepared: PreparedIndex, reader: _ReferenceReader,
+def publish_reference_index(p: Pipeline, prepared: PreparedIndex, reader: ReferenceReader,
                             index: ReferenceIndex | None = None) -> IndexVersion:
     """Build what ``prepared`` decided and publish it: files, manifest, then the pointer.
 
@@ -480,7 +520,7 @@ def publish_reference_index(p: Pipeline, prepared: PreparedIndex, reader: _Refer
     mode, base = "full", None
     if index is None and prepared.mode == "incremental":
         base = p.registry.manifest(Kind.INDEX, prepared.base, model_version=prepared.model_version)
-        index, _ = p.load_index(base)
+        index = p.read_index(base)
         prev_held, prev_held_ids = p.index_held_out(base)
         stale = set(prepared.stale)
         base_held = {rid: v for rid, v in zip(prev_held_ids, prev_held) if rid not in stale and rid in by_id}
@@ -504,13 +544,16 @@ def publish_reference_index(p: Pipeline, prepared: PreparedIndex, reader: _Refer
         raise ModerationError(f"the index holds {len(index)} references, {len(kept)} were prepared; build again")
     trained = (base.info.get("trained_count") if mode == "incremental" else _trained_count(index))
     held_vecs = held_vectors(held_ids, base_held, vectors_of, index.dim)
-    pdq_index = reference_pdq(p, refs)
-    index_bytes, ids_bytes = index.serialise()
+    pdq_index = reference_pdq(p, refs, reader.pdq)
+    spool = tempfile.TemporaryDirectory(prefix="moderation-index-")
+    index_path = Path(spool.name) / "index.faiss"
+    ids_bytes = index.save(index_path)  # uploaded from the file: the index is never in memory twice
     held_buf = io.BytesIO()
     np.save(held_buf, np.ascontiguousarray(held_vecs, np.float32), allow_pickle=False)
     info = prepared.info
-    record = IndexVersion(version=new_version_id(prepared.content), model_version=prepared.model_version,
-                          stats_version=prepared.stats_version, count=len(index), dim=index.dim,
+    # A forced full build must publish even the content in force, also within the second that published it.
+    record = IndexVersion(version=new_version_id("" if prepared.forced else prepared.content),
+                          model_version=prepared.model_version, stats_version=prepared.stats_version, count=len(index), dim=index.dim,
                           factory=index.factory, content_sha256=prepared.content,
                           info={"failures": info["failures"], "cached": info["cached"],
                                 "local_features": info["local_features"], "banks": dict(Counter(banks.values())),
@@ -518,15 +561,16 @@ def publish_reference_index(p: Pipeline, prepared: PreparedIndex, reader: _Refer
                                 "read": info["read"], "previous": prepared.previous,
                                 "trained_count": trained, "retrain_growth": p.settings.index_retrain_growth,
                                 "pdq": None if pdq_index is None else {"hashes": len(pdq_index)}})
-    files = {"index.faiss": index_bytes, "ids.json": ids_bytes,
+    files = {"index.faiss": index_path, "ids.json": ids_bytes,
              "locations.json": json.dumps({r.image_id: r.location for r in refs}, sort_keys=True).encode(),
              "shas.json": json.dumps({r.image_id: r.sha256 for r in refs}, sort_keys=True).encode(),
              "banks.json": json.dumps(banks, sort_keys=True).encode(),
              "held_out.json": json.dumps(held_ids).encode(), "held_out.npy": held_buf.getvalue(),
-             MANIFEST_FILE: manifest_bytes(refs)}
+             MANIFEST_FILE: manifest_bytes(refs, prepared.failed)}
     if pdq_index is not None:
         files[PDQ_FILE] = pdq_index.to_bytes()
-    record = p.registry.publish(Kind.INDEX, record, files)
+    with spool:
+        record = p.registry.publish(Kind.INDEX, record, files)
     p.db.record_index(record)
     register_banks(p.db, Counter(banks.values()), record.version)
     log.info("published index %s (%s): %d references, factory %s, %d read", record.version, mode, record.count,
@@ -540,102 +584,6 @@ def _trained_count(index: ReferenceIndex) -> int | None:
     return trained_count(index)
 
 
-class _ReferenceReader:
-    """Reads references for an index build, each at most once, and serves their vectors.
-
-    :meth:`read` hashes, decodes, embeds and describes (PDQ, local features)
-    from one read of each image; :meth:`vectors` takes vectors from what was
-    read, else from the vector cache, reading an image whose cached vector
-    turned out missing or corrupt. ``attempted`` holds every id read.
-    """
-
-    def __init__(self, p: Pipeline, loaded: LoadedModel, source: ImageSource):
-        from moderation.local_features import FeatureCache
-        from moderation.two_stage import TwoStageConfig
-
-        self.p, self.loaded, self.source = p, loaded, source
-        self.settings = loaded.settings_for(p.settings)
-        self._cache: VectorCache | None = None
-        self.pdq = pdq_cache(p.store, Namespace.REFERENCES) if p.settings.pdq else None
-        self.feature_cache = (FeatureCache(p.store, TwoStageConfig.from_settings(p.settings).features)
-                              if p.settings.verify else None)
-        self._feature_known: frozenset[str] | None = None
-        self.features = None if self.feature_cache is None else {
-            "computed": 0, "failed": 0, "config": self.feature_cache.config.key()}
-        self.fresh: dict[str, np.ndarray] = {}
-        self.failures: list = []
-        self.attempted: set[str] = set()
-        self.cached = 0
-
-    @property
-    def cache(self) -> VectorCache:
-        if self._cache is None:  # its manifests are read only if a vector is needed
-            self._cache = VectorCache(self.p.store, self.loaded.version, Namespace.REFERENCES)
-        return self._cache
-
-    def feature_known(self) -> frozenset[str]:
-        if self._feature_known is None:
-            self._feature_known = frozenset(self.feature_cache.known())
-        return self._feature_known
-
-    def missing_from_caches(self, refs: list[ImageRef], *, need_vectors: bool) -> list[ImageRef]:
-        """The refs (sha known) lacking a cache entry this build needs: they must be read after all."""
-        if not refs:
-            return []
-        missing: dict[str, str] = {}
-        if need_vectors:
-            known = self.cache.known()
-            missing.update((r.image_id, "vector") for r in refs if r.sha256 not in known)
-        if self.pdq is not None:
-            known = self.pdq.known()
-            missing.update((r.image_id, "PDQ hash") for r in refs
-                           if r.sha256 not in known and r.image_id not in missing)
-        if self.feature_cache is not None:
-            known = self.feature_known()
-            missing.update((r.image_id, "local features") for r in refs
-                           if r.sha256 not in known and r.image_id not in missing)
-        for rid, what in list(missing.items())[:20]:
-            log.warning("reference %s is unchanged but its %s is not cached: reading it", rid, what)
-        if len(missing) > 20:
-            log.warning("... %d unchanged references in all are read for a missing cache entry", len(missing))
-        return [replace(r, sha256="") for r in refs if r.image_id in missing]
-
-    def read(self, refs: list[ImageRef]) -> dict[str, ImageRef]:
-        """Read ``refs`` (once each); returns id -> ref with its sha256 for those that decoded."""
-        if not refs:
-            return {}
-        self.attempted.update(r.image_id for r in refs)
-        result = embed(self.loaded.module, self.source, self.settings, cache=self.cache,
-                       device=resolve_device(self.settings.device.value), refs=refs, desc="embedding references",
-                       pdq_cache=self.pdq, feature_cache=self.feature_cache,
-                       feature_known=None if self.feature_cache is None else self.feature_known())
-        log.info("read %d references (%d vectors from cache, %d failed)", len(refs), result.cached,
-                 len(result.failures))
-        self.cached += result.cached
-        self.failures += result.failures
-        if result.features is not None:
-            self.features["computed"] += result.features["computed"]
-            self.features["failed"] += result.features["failed"]
-        self.fresh.update(zip(result.ids, result.vectors))
-        return {r.image_id: r for r in result.refs}
-
-    def vectors(self, refs: list[ImageRef]) -> np.ndarray:
-        """Raw vectors of ``refs`` in order (read this run, else from the cache, else read now)."""
-        out = [self.fresh.get(r.image_id) for r in refs]
-        for i, r in enumerate(refs):
-            if out[i] is None:
-                out[i] = self.cache.get(r.sha256)
-        lost = [r for r, v in zip(refs, out) if v is None]
-        if lost:
-            log.warning("%d cached reference vectors were missing or corrupt: reading those images", len(lost))
-            self.read([replace(r, sha256="") for r in lost])
-            out = [v if v is not None else self.fresh.get(r.image_id) for r, v in zip(refs, out)]
-            if any(v is None for v in out):
-                raise ModerationError("a reference whose cached vector was lost no longer decodes; "
-                                      "rebuild the index in full (`moderation index build --full`)")
-        return np.stack(out).astype(np.float32)
-
-
 def _held_out(p: Pipeline, banks: dict[str, str]) -> set[str]:
     """References the build leaves out of the index (disabled now); none if that would leave it empty.
 
@@ -644,18 +592,36 @@ def _held_out(p: Pipeline, banks: dict[str, str]) -> set[str]:
     """
     held = read_controls(p.db).removed(banks)
     return held if len(held) < len(banks) else set()
-def reference_pdq(p: Pipeline, refs: list[ImageRef]) -> PdqIndex | None:
-    """The references' PDQ hashes (from the PDQ cache the embedding filled); None if MODERATION_PDQ is off.
+def reference_pdq(p: Pipeline, refs: list[ImageRef], cache: VectorCache | None = None) -> PdqIndex | None:
+    """The references' PDQ hashes, in ``refs`` order, from the PDQ cache the embedding filled; None if MODERATION_PDQ is off.
 
-    A reference whose hash could not be computed is left out (logged).
+    The cache is streamed a part at a time into one array (no object per
+    hash: 10M references hold 330 MB, not gigabytes). ``cache`` is the
+    build's own PDQ cache when it has one (its manifests already read). A
+    reference whose hash could not be computed is left out (logged).
     """
     if not p.settings.pdq:
         return None
-    cache = pdq_cache(p.store, Namespace.REFERENCES)
-    items = [(r.image_id, h) for r in refs if (h := cached_hash(cache, r.sha256)) is not None]
-    if len(items) < len(refs):
-        log.warning("%d of %d references have no PDQ hash", len(refs) - len(items), len(refs))
-    return PdqIndex.from_hashes(items)
+    cache = cache if cache is not None else pdq_cache(p.store, Namespace.REFERENCES)
+    position: dict[str, list[int]] = {}
+    for i, r in enumerate(refs):
+        position.setdefault(r.sha256, []).append(i)
+    codes = np.zeros((len(refs), PDQ_BYTES), np.uint8)
+    quality = np.full(len(refs), -1, np.int16)
+    found = np.zeros(len(refs), bool)
+    for shas, rows in cache.stream(list(position)):
+        if rows.shape[1] != PDQ_BYTES + 1:  # not PDQ rows: as if uncached
+            continue
+        at = [position[sha] for sha in shas]
+        rows_of = np.repeat(np.arange(len(shas)), [len(a) for a in at])
+        where = np.fromiter((i for a in at for i in a), np.int64, count=len(rows_of))
+        codes[where] = rows[rows_of, :PDQ_BYTES].astype(np.uint8)
+        quality[where] = np.maximum(rows[rows_of, PDQ_BYTES], -1).astype(np.int16)
+        found[where] = True
+    if not found.all():
+        log.warning("%d of %d references have no PDQ hash", int((~found).sum()), len(refs))
+    keep = np.flatnonzero(found)
+    return PdqIndex([refs[i].image_id for i in keep], codes[keep], quality[keep])
 
 
 def reference_features(p: Pipeline, source: ImageSource, result: EmbeddingResult) -> dict | None:

@@ -560,8 +560,7 @@ def prepare_index_build(settings: Settings, plan: Mapping[str, Any], checked: Ma
         stats = p.registry.manifest(Kind.STATS, prepared.stats_version, model_version=model.version)
         post, _ = p.load_stats(stats)
         template = train_fill_template(p, prepared, post, reader.vectors)
-        staging.put_template(template)
-        prepared.template_sha = sha256_hex(template.serialise()[0])
+        prepared.template_sha = staging.put_template(template)
         for i, (start, stop) in enumerate(prepared.ranges):
             staging.put_range(i, prepared.fill_refs(start, stop), prepared.build_id)
     staging.put_prepared(prepared.to_dict())
@@ -582,7 +581,8 @@ def fill_index_shard(settings: Settings, spec: Mapping[str, Any]) -> dict[str, A
     the build was prepared again since ``spec`` was mapped (rerun from
     ``prepare_build``), or the range's vectors fall short.
     """
-    from moderation.jobs import _ReferenceReader, fill_range
+    from moderation.jobs import fill_range
+    from moderation.reference_reader import ReferenceReader
 
     p = open_pipeline(settings, spec["model_version"])
     staging = _staging(p, spec["model_version"], spec["run_id"])
@@ -594,7 +594,7 @@ def fill_index_shard(settings: Settings, spec: Mapping[str, Any]) -> dict[str, A
 
     def read_again(lost):  # the model is loaded only if the cache lost a vector
         if not readers:
-            readers.append(_ReferenceReader(p, p.load(p.current_model()), StoreSource(settings, spec["prefix"])))
+            readers.append(ReferenceReader(p, p.load(p.current_model()), StoreSource(settings, spec["prefix"])))
         return readers[0].vectors(lost)
 
     shard = fill_range(p, spec["model_version"], staging.template(), refs, post, read_again)
@@ -616,7 +616,8 @@ def publish_index_build(settings: Settings, plan: Mapping[str, Any], *, run_id: 
     moved since planning.
     """
     from moderation.index_shards import merge_shards
-    from moderation.jobs import PreparedIndex, _ReferenceReader, keep_current_index, publish_reference_index
+    from moderation.jobs import PreparedIndex, keep_current_index, publish_reference_index
+    from moderation.reference_reader import ReferenceReader
 
     p, model = _pinned_for_index(settings, plan)
     staging = _staging(p, model.version, run_id)
@@ -641,7 +642,7 @@ def publish_index_build(settings: Settings, plan: Mapping[str, Any], *, run_id: 
         if prepared.mode == "full":
             merged = merge_shards([staging.shard(i, prepared.build_id, prepared.fill[start:stop])
                                    for i, (start, stop) in enumerate(prepared.ranges)])
-        reader = _ReferenceReader(p, p.load(model), StoreSource(settings, plan["prefix"]))
+        reader = ReferenceReader(p, p.load(model), StoreSource(settings, plan["prefix"]))
         index = publish_reference_index(p, prepared, reader, merged)
     removed = staging.clear()
     log.info("removed %d staging objects under %s", removed, staging.prefix)

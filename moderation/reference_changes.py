@@ -11,11 +11,20 @@ ids in the manifest that the listing no longer has are deleted.
 
 An empty fingerprint (a source that cannot give one, a link) never
 matches: such a reference is always read.
+
+References that failed for a lasting reason (the bytes do not decode, the
+source refused the object from its size) are recorded beside the indexed
+ones (``failed``: id, location, fingerprint, reason, detail). Listed again
+with the same location and fingerprint they are still failed, and are not
+read; a new fingerprint reads them again. A failure that may pass on retry
+(a network or disk error while fetching) is never recorded. Manifests
+written before the ``failed`` section existed load with none.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -26,7 +35,7 @@ MANIFEST_FILE = "references.json"
 MANIFEST_FORMAT = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ManifestEntry:
     """One indexed reference as the manifest records it."""
 
@@ -36,19 +45,58 @@ class ManifestEntry:
     sha256: str
 
 
-def manifest_bytes(refs: Iterable[ImageRef]) -> bytes:
-    """The manifest of ``refs`` (each with its sha256), sorted by id: deterministic bytes."""
+@dataclass(frozen=True)
+class FailedReference:
+    """A reference that failed for a lasting reason, as listed when it failed: not read again while unchanged."""
+
+    image_id: str
+    location: str
+    fingerprint: str
+    reason: str
+    detail: str = ""
+
+    def failure(self) -> Failure:
+        """The Failure an index version's info lists for it (the reason of the read that failed)."""
+        return Failure(self.image_id, self.location, self.reason, self.detail)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """An index version's manifest: the indexed references and the failed ones, by id."""
+
+    references: dict[str, ManifestEntry] = field(default_factory=dict)
+    failed: dict[str, FailedReference] = field(default_factory=dict)
+
+
+def manifest_bytes(refs: Iterable[ImageRef], failed: Iterable[FailedReference] = ()) -> bytes:
+    """The manifest of ``refs`` (each with its sha256) and ``failed``, each sorted by id: deterministic bytes.
+
+    The ``failed`` section is written only when there is one, so a set
+    without failures keeps the bytes it always had.
+    """
     rows = sorted([r.image_id, r.location, r.fingerprint, r.sha256] for r in refs)
-    return json.dumps({"format": MANIFEST_FORMAT, "references": rows}, separators=(",", ":")).encode()
+    raw: dict = {"format": MANIFEST_FORMAT, "references": rows}
+    failed_rows = sorted([f.image_id, f.location, f.fingerprint, f.reason, f.detail] for f in failed)
+    if failed_rows:
+        raw["failed"] = failed_rows
+    return json.dumps(raw, separators=(",", ":")).encode()
 
 
-def read_manifest(data: bytes) -> dict[str, ManifestEntry]:
-    """Reference id -> entry; ModerationError if ``data`` is not a manifest (then rebuild with ``--full``)."""
+def read_manifest(data: bytes) -> Manifest:
+    """The manifest in ``data``; ModerationError if it is not one (then rebuild with ``--full``).
+
+    A manifest without a ``failed`` section (written before it existed) has no failed references.
+    """
     try:
         raw = json.loads(data)
         if raw.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {raw.get('format')!r}")
-        return {row[0]: ManifestEntry(*map(str, row)) for row in raw["references"]}
+        # The sha is interned: the caches' manifests, the refs and this entry then share one string (at 10M
+        # references each copy would cost a gigabyte).
+        references = {row[0]: ManifestEntry(str(row[0]), str(row[1]), str(row[2]), sys.intern(str(row[3])))
+                      for row in raw["references"]}
+        failed = {row[0]: FailedReference(*map(str, row)) for row in raw.get("failed", [])}
+        return Manifest(references, failed)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ModerationError(f"the index manifest {MANIFEST_FILE} is unreadable ({exc}); "
                               "rebuild the index in full (`moderation index build --full`)") from None
@@ -63,6 +111,7 @@ class ReferenceChanges:
     else "" (they must be read). ``deleted`` ids left the listing;
     ``replaced`` are ids in the previous version whose content changed.
     ``duplicates`` are later files with an id already listed (never read).
+    ``still_failed`` failed before and are listed unchanged: not read, not indexed.
     """
 
     unchanged: list[ImageRef] = field(default_factory=list)
@@ -70,6 +119,7 @@ class ReferenceChanges:
     deleted: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
     duplicates: list[Failure] = field(default_factory=list)
+    still_failed: list[FailedReference] = field(default_factory=list)
 
     @property
     def to_read(self) -> list[ImageRef]:
@@ -78,19 +128,23 @@ class ReferenceChanges:
 
     def summary(self) -> dict[str, int]:
         return {"unchanged": len(self.unchanged), "new": len(self.added) - len(self.replaced),
-                "changed": len(self.replaced), "deleted": len(self.deleted), "to_read": len(self.to_read)}
+                "changed": len(self.replaced), "deleted": len(self.deleted), "to_read": len(self.to_read),
+                "still_failed": len(self.still_failed)}
 
 
-def detect_changes(listed: Sequence[ImageRef], previous: Mapping[str, ManifestEntry] | None,
+def detect_changes(listed: Sequence[ImageRef], previous: Manifest | None,
                    hints: Mapping[str, tuple[str, str]] | None = None) -> ReferenceChanges:
     """Compare a listing with the previous version's manifest (None: everything is new).
 
     ``hints`` maps location -> (fingerprint, sha256) learned this run by
     whoever already read the object (the DAG's shards); a hint counts only
     for the same fingerprint. The first listed ref of an id wins, as
-    :func:`moderation.embedding.dedupe_ids` does.
+    :func:`moderation.embedding.dedupe_ids` does. A ref that failed in the
+    previous version with the same location and fingerprint is
+    ``still_failed`` (unless a hint says it was read since).
     """
-    previous = previous or {}
+    failed = previous.failed if previous is not None else {}
+    previous = previous.references if previous is not None else {}
     hints = hints or {}
     out = ReferenceChanges()
     seen: set[str] = set()
@@ -104,10 +158,15 @@ def detect_changes(listed: Sequence[ImageRef], previous: Mapping[str, ManifestEn
                 and (before.location, before.fingerprint) == (ref.location, ref.fingerprint)):
             out.unchanged.append(replace(ref, sha256=before.sha256))
             continue
-        if before is not None:
-            out.replaced.append(ref.image_id)
         hint = hints.get(ref.location)
         sha = hint[1] if hint and ref.fingerprint and hint[0] == ref.fingerprint else ""
+        bad = failed.get(ref.image_id)
+        if (bad is not None and ref.fingerprint and not sha
+                and (bad.location, bad.fingerprint) == (ref.location, ref.fingerprint)):
+            out.still_failed.append(bad)
+            continue
+        if before is not None:
+            out.replaced.append(ref.image_id)
         out.added.append(replace(ref, sha256=sha))
     out.deleted = sorted(set(previous) - seen)
     return out

@@ -26,13 +26,15 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from moderation.errors import CorruptPointerError, IntegrityError, NotFoundError
-from moderation.images import sha256_hex
+from moderation.images import file_sha256, sha256_hex
 from moderation.layout import INDEX_DAG, STATS_DAG
 from moderation.store import ObjectStore, validate_key
 
@@ -180,13 +182,15 @@ class Registry:
     def __init__(self, store: ObjectStore):
         self.store = store
 
-    def publish(self, kind: Kind, record: Record, files: dict[str, bytes], *,
+    def publish(self, kind: Kind, record: Record, files: Mapping[str, bytes | Path], *,
                 make_current: bool = True) -> Record:
         """Write ``files`` and the manifest of ``record``; then (optionally) move the pointer.
 
-        Returns the record with ``files`` filled in (name -> sha256). If the
-        version already has a manifest, nothing is rewritten (versions are
-        immutable) and the stored record is returned.
+        A file given as a local ``Path`` is streamed from disk (an index of
+        gigabytes is never held in memory for the upload). Returns the record
+        with ``files`` filled in (name -> sha256). If the version already has
+        a manifest, nothing is rewritten (versions are immutable) and the
+        stored record is returned.
         """
         scope = _scope(kind, record)
         folder = f"{scope}/{record.version}"
@@ -195,8 +199,12 @@ class Registry:
         else:
             shas = {}
             for name, data in files.items():
-                self.store.put(f"{folder}/{name}", data)
-                shas[name] = sha256_hex(data)
+                if isinstance(data, Path):
+                    self.store.put_file(f"{folder}/{name}", data)
+                    shas[name] = file_sha256(data)
+                else:
+                    self.store.put(f"{folder}/{name}", data)
+                    shas[name] = sha256_hex(data)
             stored = type(record)(**{**asdict(record), "files": shas})
             self.store.put(f"{folder}/{MANIFEST}", _dumps(asdict(stored)), "application/json")
         if make_current:
@@ -308,6 +316,22 @@ class Registry:
                 f"{kind.value}/{record.version}/{name}: sha256 does not match its manifest; "
                 "the artifact is corrupt or was tampered with. Republish it.")
         return data
+
+    def load_file(self, kind: Kind, record: Record, name: str, path: Path) -> Path:
+        """:meth:`load` into the local file ``path`` (streamed, never whole in memory); returns ``path``.
+
+        Raises as :meth:`load` does; on a sha256 mismatch ``path`` is removed.
+        """
+        expected = record.files.get(name)
+        if expected is None:
+            raise NotFoundError(f"{kind.value} version {record.version} has no file {name!r}")
+        self.store.get_file(f"{_scope(kind, record)}/{record.version}/{name}", path)
+        if file_sha256(path) != expected:
+            Path(path).unlink(missing_ok=True)
+            raise IntegrityError(
+                f"{kind.value}/{record.version}/{name}: sha256 does not match its manifest; "
+                "the artifact is corrupt or was tampered with. Republish it.")
+        return Path(path)
 
     def key_of(self, kind: Kind, record: Record, name: str) -> str:
         return f"{_scope(kind, record)}/{record.version}/{name}"

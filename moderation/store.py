@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from moderation.errors import ConfigError, NotFoundError, StoreError
 MAX_KEY_BYTES = 900  # S3 allows 1024; keep headroom for prefixes
 MAX_SEGMENT_BYTES = 255  # a file name on the local store (NAME_MAX)
 _BAD_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+_COPY_CHUNK = 8 << 20
 
 
 def validate_key(key: str) -> str:
@@ -116,8 +118,22 @@ class ObjectStore(ABC):
         for key in self.list(prefix):
             yield ObjectInfo(key, self.size(key), None)
 
-    def put_file(self, key: str, path: Path) -> None:
-        self.put(key, Path(path).read_bytes())
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        """:meth:`put` of a local file's bytes, as atomic; the backends stream it, never reading it whole.
+
+        For artifacts as large as an index at 10M references (gigabytes),
+        which must not be held twice in memory. OSError if ``path`` cannot be read.
+        """
+        self.put(key, Path(path).read_bytes(), content_type)
+
+    def get_file(self, key: str, path: Path) -> None:
+        """Write the object's bytes to the local file ``path`` (replaced whole), streamed by the backends.
+
+        NotFoundError for a missing key, StoreError when the backend is
+        unreachable; ``path`` is left untouched on any failure.
+        """
+        data = self.get(key)
+        _write_atomically(Path(path), lambda fh: fh.write(data))
 
     def check(self) -> None:
         """Raise StoreError with a hint if the store cannot be reached."""
@@ -144,14 +160,7 @@ class LocalStore(ObjectStore):
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_atomically(path, lambda fh: fh.write(data), prefix=".tmp-")
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -159,6 +168,21 @@ class LocalStore(ObjectStore):
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError):
             raise NotFoundError(f"no object {key!r} in {self.url}") from None
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "rb") as src:
+            _write_atomically(target, lambda fh: shutil.copyfileobj(src, fh, _COPY_CHUNK), prefix=".tmp-")
+
+    def get_file(self, key: str, path: Path) -> None:
+        source = self._path(key)
+        try:
+            src = open(source, "rb")
+        except (FileNotFoundError, IsADirectoryError):
+            raise NotFoundError(f"no object {key!r} in {self.url}") from None
+        with src:
+            _write_atomically(Path(path), lambda fh: shutil.copyfileobj(src, fh, _COPY_CHUNK))
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -251,6 +275,24 @@ class S3Store(ObjectStore):
         self._call("put", self.client.put_object, self.bucket, full, io.BytesIO(data), len(data),
                    content_type=content_type)
 
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        # fput_object streams the file (multipart above its part size); the object appears only when complete.
+        self._call("put", self.client.fput_object, self.bucket, self._key(key), str(path),
+                   content_type=content_type)
+
+    def get_file(self, key: str, path: Path) -> None:
+        full = self._key(key)
+
+        def _get() -> None:
+            resp = self.client.get_object(self.bucket, full)
+            try:
+                _write_atomically(Path(path), lambda fh: shutil.copyfileobj(resp, fh, _COPY_CHUNK))
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        self._call("get", _get)
+
     def get(self, key: str) -> bytes:
         full = self._key(key)
 
@@ -292,6 +334,18 @@ class S3Store(ObjectStore):
     def locate(self, key: str, expires: timedelta = timedelta(hours=1)) -> str:
         return self._call("presign", self.client.presigned_get_object, self.bucket, self._key(key),
                           expires=expires)
+
+
+def _write_atomically(path: Path, write, prefix: str = ".part-") -> None:
+    """Call ``write(fh)`` on a temp file beside ``path``, then rename it over ``path``; no trace on failure."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _utc(value: datetime | None) -> datetime | None:

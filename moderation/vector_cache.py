@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import re
+import sys
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -94,6 +95,8 @@ class PartManifest:
             record.created
         except (TypeError, ValueError):
             raise ValueError(f"created_at {record.created_at!r} is not a timestamp") from None
+        # Interned: the reference manifest and the other caches hold the same shas (one string, not four).
+        record.shas[:] = map(sys.intern, record.shas)
         return record
 
 
@@ -139,11 +142,15 @@ class VectorCache:
     or its part turned out missing or corrupt (then the part is dropped and
     the caller must embed the image again). :meth:`add` persists new
     vectors as one part (idempotent: shas already known are not written
-    again). ``store`` None keeps everything in memory.
+    again). ``store`` None keeps everything in memory. With ``keep_added``
+    False (and a store), added vectors are not kept in memory: the new part
+    is known by its manifest, like a part written by another job, and read
+    back when asked for (a job that adds more vectors than it can hold).
     """
 
     def __init__(self, store: ObjectStore | None, model_version: str,
-                 namespace: Namespace = Namespace.REFERENCES, *, warn_legacy: bool = True):
+                 namespace: Namespace = Namespace.REFERENCES, *, warn_legacy: bool = True,
+                 keep_added: bool = True):
         self.store = store
         self.model_version = model_version
         self.namespace = Namespace(namespace)
@@ -151,6 +158,7 @@ class VectorCache:
         self._where: dict[str, str] = {}  # sha -> part key
         self._manifests: dict[str, PartManifest] = {}  # part key -> manifest, until loaded
         self._vectors: dict[str, np.ndarray] = {}
+        self.keep_added = keep_added or store is None
         if store is not None:
             self._read_manifests(warn_legacy)
 
@@ -293,10 +301,17 @@ class VectorCache:
                 new[sha] = np.asarray(vec, dtype=np.float32)
         if not new:
             return
-        self._vectors.update(new)
+        if self.keep_added:
+            self._vectors.update(new)
         if self.store is None:
             return
-        write_part(self.store, self.model_version, self.namespace, list(new), np.stack(list(new.values())))
+        manifest = write_part(self.store, self.model_version, self.namespace, list(new),
+                              np.stack(list(new.values())))
+        if not self.keep_added:
+            key = f"{self.prefix}{manifest.part}"
+            self._manifests[key] = manifest
+            for sha in manifest.shas:
+                self._where[sha] = key
 
 
 def write_part(store: ObjectStore, model_version: str, namespace: Namespace, shas: Sequence[str],
@@ -307,7 +322,9 @@ def write_part(store: ObjectStore, model_version: str, namespace: Namespace, sha
     data = buf.getvalue()
     digest = sha256_hex(data)
     when = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    name = f"{when.strftime('%Y%m%dT%H%M%S')}-{digest[:16]}"
+    # Stamped to the microsecond so that key order is write order, also within a second: a full index build
+    # fills in part key order, and a build that read in batches (a part each) must fill as one that read at once.
+    name = f"{when.strftime('%Y%m%dT%H%M%S%f')}-{digest[:16]}"
     key = f"{namespace_prefix(model_version, namespace)}{name}.npz"
     manifest = PartManifest(model_version=model_version, namespace=Namespace(namespace).value,
                             part=f"{name}.npz", sha256=digest, bytes=len(data), count=len(shas),

@@ -10,7 +10,6 @@ the grace period has passed.
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
@@ -19,7 +18,8 @@ import pytest
 
 from conftest import fast_env, s3_env
 from local_images import textured
-from test_nightly_index import jpeg
+from store_wrappers import PassThrough
+from test_nightly_index import corrupt_jpeg, jpeg
 
 from moderation.config import Settings
 from moderation.db import connect
@@ -65,11 +65,6 @@ def _sharded(settings, plan, run_id, size, only=None) -> list[dict]:
     return specs
 
 
-def _next_second():
-    # Version ids are stamped to the second: two builds of one content in a second would share one.
-    time.sleep(1.05 - (time.time() % 1))
-
-
 def _staging(p) -> set[str]:
     return set(p.store.list("staging/"))
 
@@ -81,10 +76,8 @@ def test_sharded_full_build_publishes_what_one_process_builds(pipeline, factory)
 
     settings = replace(pipeline.settings, index_factory=factory)
     p = Pipeline(settings, pipeline.store, pipeline.db)
-    _next_second()
     single = build_reference_index(p, StoreSource(settings, "references/"), full=True)
     assert single.info["build"] == "full" and single.factory == factory and single.count == N_REFS
-    _next_second()
     plan = _plan(p, full=True)
     specs = _sharded(settings, plan, "manual__full", 5)
     assert [s["index"] for s in specs] == [0, 1, 2] and {s["count"] for s in specs} == {3}
@@ -175,7 +168,6 @@ def test_a_retried_publish_after_publishing_only_cleans_up(pipeline):
     from moderation.registry import Kind
 
     p = pipeline
-    _next_second()
     plan = _plan(p, full=True)
     _sharded(p.settings, plan, "manual__retry", 5)
     staging = FillStaging(p.store, plan["model_version"], orchestration.run_slug("manual__retry"))
@@ -187,3 +179,76 @@ def test_a_retried_publish_after_publishing_only_cleans_up(pipeline):
     assert again["index_version"] == built["index_version"] and again["changed"]
     assert p.registry.current(Kind.INDEX, model_version=plan["model_version"]).version == built["index_version"]
     assert _staging(p) == set()
+
+
+class FaissTransfers(PassThrough):
+    """The real store, recording how each FAISS file under staging/ moves: whole in memory or as a file."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.moves: list[str] = []
+
+    def _note(self, key, how):
+        if key.startswith("staging/") and key.endswith(".faiss"):
+            self.moves.append(how)
+
+    def get(self, key):
+        self._note(key, "get whole")
+        return self.inner.get(key)
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        self._note(key, "put whole")
+        self.inner.put(key, data, content_type)
+
+    def get_file(self, key, path):
+        self._note(key, "get file")
+        self.inner.get_file(key, path)
+
+    def put_file(self, key, path, content_type="application/octet-stream"):
+        self._note(key, "put file")
+        self.inner.put_file(key, path, content_type)
+
+
+def test_staged_template_and_shards_move_through_files(pipeline):
+    from moderation.index_fill import FillStaging
+
+    p = pipeline
+    watched = FaissTransfers(p.store)
+    staging = FillStaging(watched, "mv-files", "manual__files")
+    template, _ = p.load_index(p.current_index(p.current_model()))
+    sha = staging.put_template(template)
+    staging.put_shard(0, template, "b1")
+    assert staging.template().ids == template.ids and staging.shard(0, "b1", template.ids).ids == template.ids
+    assert watched.moves == ["put file", "put file", "get file", "get file"] and len(sha) == 64
+    assert staging.clear() == 5
+
+
+def test_a_sharded_full_build_carries_the_failed_references_as_one_process_does(pipeline):
+    """A reference that failed for a lasting reason stays recorded, unread, through prepare -> fill -> publish."""
+    from moderation import orchestration
+    from moderation.reference_changes import MANIFEST_FILE, read_manifest
+    from moderation.registry import Kind
+
+    p = pipeline
+    source = StoreSource(p.settings, "references/")
+    p.store.put("references/R_bad.jpg", corrupt_jpeg())
+    first = build_reference_index(p, source)
+    assert first.info["failures"]["count"] == 1 and first.info["failures"]["not_read"] == 0
+    # A factory change makes tonight's build a full one, though not a forced one: the failure is carried.
+    settings = replace(p.settings, index_factory="IVF2,Flat")
+    plan = _plan(p)
+    specs = _sharded(settings, plan, "scheduled__failed", 5)
+    assert len(specs) == 3
+    built = orchestration.publish_index_build(settings, plan, run_id="scheduled__failed")
+    assert built["changed"] and built["build"] == "full"
+    sharded = p.registry.current(Kind.INDEX, model_version=plan["model_version"])
+    assert sharded.info["failures"]["count"] == 1 and sharded.info["failures"]["not_read"] == 1
+    assert sharded.info["read"] == 0 and sharded.info["failures"]["images"][0]["image_id"] == "R_bad"
+    failed = read_manifest(p.registry.load(Kind.INDEX, sharded, MANIFEST_FILE)).failed
+    assert list(failed) == ["R_bad"] and failed["R_bad"] == read_manifest(
+        p.registry.load(Kind.INDEX, first, MANIFEST_FILE)).failed["R_bad"]
+    # One process finds the same content (failures included) in force: nothing to publish.
+    again = build_reference_index(Pipeline(settings, p.store, p.db), source)
+    assert again.version == sharded.version
+    p.store.delete("references/R_bad.jpg")
+    build_reference_index(p, source)

@@ -100,7 +100,7 @@ def test_second_build_reads_nothing_and_changes_are_read_once(pipeline):
     assert store.reads == Counter({f"references/R{i}.jpg": 1 for i in range(N_REFS)})
     assert first.info["local_features"]["computed"] == N_REFS and first.info["pdq"] == {"hashes": N_REFS}
     manifest = read_manifest(p.registry.load(Kind.INDEX, first, MANIFEST_FILE))
-    assert all(e.fingerprint and len(e.sha256) == 64 for e in manifest.values())
+    assert all(e.fingerprint and len(e.sha256) == 64 for e in manifest.references.values()) and not manifest.failed
 
     store.reset()
     again = build_reference_index(p, source)
@@ -115,7 +115,8 @@ def test_second_build_reads_nothing_and_changes_are_read_once(pipeline):
     nightly = build_reference_index(p, source)
     assert store.reads == Counter({"references/R_new.jpg": 1, "references/R1.jpg": 1})
     assert nightly.info["build"] == "incremental"
-    assert nightly.info["changes"] == {"unchanged": N_REFS - 2, "new": 1, "changed": 1, "deleted": 1, "to_read": 2}
+    assert nightly.info["changes"] == {"unchanged": N_REFS - 2, "new": 1, "changed": 1, "deleted": 1, "to_read": 2,
+                                      "still_failed": 0}
     index, locations = p.load_index(nightly)
     assert "R2" not in index.ids and "R2" not in locations and "R_new" in index.ids and len(index) == N_REFS
     shas = p.index_shas(nightly)
@@ -206,3 +207,207 @@ def test_ivf_index_grows_in_place_until_the_growth_factor_then_retrains(pipeline
     retrained = build_reference_index(ivf, source)
     assert retrained.info["build"] == "full" and retrained.info["trained_count"] == first.count + 3
     assert store.reads == Counter({"references/R_ivf2.jpg": 1, "references/R_ivf3.jpg": 1})
+
+
+class IndexTransfers(PassThrough):
+    """The real store, noting how ``index.faiss`` objects move: whole (get/put) or through a file."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.moves: list[str] = []
+
+    def get(self, key):
+        if key.endswith("/index.faiss"):
+            self.moves.append("get whole")
+        return self.inner.get(key)
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        if key.endswith("/index.faiss"):
+            self.moves.append("put whole")
+        self.inner.put(key, data, content_type)
+
+    def get_file(self, key, path):
+        if key.endswith("/index.faiss"):
+            self.moves.append("get file")
+        self.inner.get_file(key, path)
+
+    def put_file(self, key, path, content_type="application/octet-stream"):
+        if key.endswith("/index.faiss"):
+            self.moves.append("put file")
+        self.inner.put_file(key, path, content_type)
+
+
+def test_index_moves_through_files_and_pdq_hashes_stream(pipeline, monkeypatch):
+    """Bounded memory at 10M references: the index is never in memory beside its own bytes, and the
+    PDQ file is filled from the hash cache a part at a time, not one lookup (and one object) per hash."""
+    from moderation.embedding import StoreSource
+    from moderation.jobs import Pipeline, build_reference_index
+    from moderation.pdq import CACHE_MODEL, PdqIndex, cached_hash, pdq_cache
+    from moderation.pdq_matching import PDQ_FILE
+    from moderation.registry import Kind
+    from moderation.vector_cache import Namespace, VectorCache
+
+    p = pipeline
+    watched = IndexTransfers(p.store)
+    q = Pipeline(p.settings, watched, p.db)
+    one_by_one = []
+    real_get = VectorCache.get
+    monkeypatch.setattr(VectorCache, "get", lambda self, sha: (self.model_version == CACHE_MODEL
+                                                               and one_by_one.append(sha)) or real_get(self, sha))
+    source = StoreSource(p.settings, "references/")
+    build_reference_index(q, source)  # whatever the earlier tests left: now in force, Flat
+    watched.put("references/R_file.jpg", jpeg(8960))
+    watched.moves.clear()
+    version = build_reference_index(q, source)
+    assert version.info["build"] == "incremental"
+    assert watched.moves == ["get file", "put file"]
+    assert one_by_one == []
+    monkeypatch.setattr(VectorCache, "get", real_get)
+    # The streamed PDQ file holds what a lookup per reference gives, in the index's reference order.
+    pdq = PdqIndex.from_bytes(p.registry.load(Kind.INDEX, version, PDQ_FILE))
+    shas = p.index_shas(version)
+    cache = pdq_cache(p.store, Namespace.REFERENCES)
+    locations = p.load_index(version)[1]
+    expected = [(rid, cached_hash(cache, shas[rid])) for rid in sorted(shas, key=locations.__getitem__)]
+    assert pdq.ids == [rid for rid, _ in expected] and "R_file" in pdq.ids
+    assert [bytes(c) for c in pdq.codes] == [h.bits for _, h in expected]
+    assert list(pdq.quality) == [-1 if h.quality is None else h.quality for _, h in expected]
+
+
+def corrupt_jpeg() -> bytes:
+    return jpeg(8990)[:300]  # a JPEG cut short: its header lists, its data does not decode
+
+
+def test_a_reference_that_fails_is_read_once_until_it_is_replaced(pipeline):
+    from moderation.embedding import StoreSource
+    from moderation.jobs import build_reference_index
+    from moderation.reference_changes import MANIFEST_FILE, read_manifest
+    from moderation.registry import Kind
+
+    p = pipeline
+    store: ReadCounter = p.store
+    source = StoreSource(p.settings, "references/")
+    build_reference_index(p, source)
+    store.put("references/R_bad.jpg", corrupt_jpeg())
+    store.reset()
+    first = build_reference_index(p, source)
+    assert store.reads == Counter({"references/R_bad.jpg": 1})
+    assert "R_bad" not in p.load_index(first)[0].ids
+    failed = read_manifest(p.registry.load(Kind.INDEX, first, MANIFEST_FILE)).failed
+    assert list(failed) == ["R_bad"] and failed["R_bad"].fingerprint and failed["R_bad"].reason
+    assert [f["image_id"] for f in first.info["failures"]["images"]] == ["R_bad"]
+
+    # Unchanged: not read again, nothing to publish.
+    store.reset()
+    again = build_reference_index(p, source)
+    assert again.version == first.version and store.bytes == 0 and not store.reads
+
+    # Another reference arrives: the broken one is still listed and counted as a failure, without a read.
+    store.put("references/R_good.jpg", jpeg(8991))
+    store.reset()
+    nightly = build_reference_index(p, source)
+    assert store.reads == Counter({"references/R_good.jpg": 1})
+    assert nightly.info["changes"]["still_failed"] == 1 and nightly.info["changes"]["to_read"] == 1
+    assert nightly.info["failures"]["count"] == 1 and nightly.info["failures"]["not_read"] == 1
+    assert nightly.info["failures"]["images"][0]["reason"] == failed["R_bad"].reason
+    assert "R_bad" in read_manifest(p.registry.load(Kind.INDEX, nightly, MANIFEST_FILE)).failed
+
+    # Replaced by a valid image: read once and indexed.
+    store.put("references/R_bad.jpg", jpeg(8992))
+    store.reset()
+    fixed = build_reference_index(p, source)
+    assert store.reads == Counter({"references/R_bad.jpg": 1})
+    assert "R_bad" in p.load_index(fixed)[0].ids and fixed.info["failures"]["count"] == 0
+    assert not read_manifest(p.registry.load(Kind.INDEX, fixed, MANIFEST_FILE)).failed
+
+    # A full rebuild reads a failed reference again too.
+    store.put("references/R_bad.jpg", corrupt_jpeg())
+    build_reference_index(p, source)
+    store.reset()
+    full = build_reference_index(p, source, full=True)
+    assert store.reads["references/R_bad.jpg"] == 1 and full.info["failures"]["not_read"] == 0
+    store.delete("references/R_bad.jpg")
+
+
+def test_a_failed_fetch_is_not_remembered_as_a_lasting_failure(pipeline):
+    from moderation.embedding import StoreSource
+    from moderation.images import ImageRef
+    from moderation.reference_reader import ReferenceReader
+
+    p = pipeline
+    store: ReadCounter = p.store
+    store.put("references/R_broken.jpg", corrupt_jpeg())
+    fingerprint = {r.location: r.fingerprint for r in StoreSource(p.settings, "references/").listed()}
+    reader = ReferenceReader(p, p.load(p.current_model()), StoreSource(p.settings, "references/"))
+    # The object vanished after the listing: an error of the fetch, worth another try tomorrow.
+    reader.read([ImageRef("R_gone", "references/R_gone.jpg", fingerprint="5:etag"),
+                 ImageRef("R_broken", "references/R_broken.jpg", fingerprint=fingerprint["references/R_broken.jpg"])])
+    assert sorted(f.image_id for f in reader.failures) == ["R_broken", "R_gone"]
+    assert [(f.image_id, f.fingerprint) for f in reader.lasting] == [
+        ("R_broken", fingerprint["references/R_broken.jpg"])]
+    store.delete("references/R_broken.jpg")
+
+
+def test_full_rebuild_holds_at_most_the_bound_of_fresh_vectors_and_builds_the_same_index(pipeline, monkeypatch):
+    from dataclasses import replace
+
+    from moderation import reference_reader
+    from moderation.embedding import StoreSource
+    from moderation.jobs import Pipeline, build_reference_index
+
+    p = pipeline
+    store: ReadCounter = p.store
+    ivf = Pipeline(replace(p.settings, index_factory="IVF2,Flat"), store, p.db)
+    source = StoreSource(p.settings, "references/")
+    store.put("references/R_same.jpg", jpeg(8000))  # the bytes of R0 under another id: one vector computed
+    model = p.current_model().version
+    readers, batches, held = [], [], []
+    real_init, real_embed = reference_reader.ReferenceReader.__init__, reference_reader.embed
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        readers.append(self)
+
+    def embed(*args, refs, **kwargs):
+        reader = readers[-1]
+        batches.append(len(refs))
+        held.append(len(reader.fresh) + len(reader.cache._vectors))  # the cache keeps none of them either
+        return real_embed(*args, refs=refs, **kwargs)
+
+    monkeypatch.setattr(reference_reader.ReferenceReader, "__init__", init)
+    monkeypatch.setattr(reference_reader, "embed", embed)
+
+    def full_build_from_cold_cache():
+        for key in list(store.list(f"embeddings/{model}/references/")):
+            store.delete(key)  # every vector is computed again: the most a full re-read can hold
+        store.reset()
+        version = build_reference_index(ivf, source, full=True)
+        assert set(store.reads.values()) == {1} and len(store.reads) == version.count
+        return version, readers[-1]
+
+    whole, unbounded = full_build_from_cold_cache()
+    assert not unbounded.spilled and unbounded.peak_fresh == whole.count
+    bound = 3
+    monkeypatch.setattr(reference_reader, "FRESH_VECTORS_MAX", bound)
+    batches.clear()
+    held.clear()
+    bounded_version, bounded = full_build_from_cold_cache()
+    assert bounded.spilled and bounded.peak_fresh <= bound
+    assert max(batches) <= bound and sum(batches) == whole.count and max(held) <= bound
+    assert len(bounded.fresh) + len(bounded.cache._vectors) <= bound
+
+    a, _ = p.load_index(whole)
+    b, _ = p.load_index(bounded_version)
+    assert a.ids == b.ids  # the same order: the IVF's training sample and lists are those of the unbounded build
+    rng = np.random.default_rng(1)
+    queries = np.concatenate([a.index.reconstruct_n(0, len(a)), rng.standard_normal((20, a.dim)).astype(np.float32)])
+    s_a, ids_a = _search_all(p, whole, queries)
+    s_b, ids_b = _search_all(p, bounded_version, queries)
+    same_image = {"R_same": "R0"}  # one vector under two ids: their tie may come in either order
+
+    def canonical(rows):
+        return [[same_image.get(i, i) for i in row] for row in rows]
+
+    assert canonical(ids_a) == canonical(ids_b)
+    np.testing.assert_allclose(s_a, s_b, rtol=0, atol=1e-5)
+    store.delete("references/R_same.jpg")

@@ -70,7 +70,7 @@ def test_detect_changes_sorts_new_changed_unchanged_deleted():
     assert [r.image_id for r in changes.to_read] == ["b", "moved", "new"]
     assert changes.replaced == ["b", "moved"] and changes.deleted == ["gone"]
     assert [(f.image_id, f.reason) for f in changes.duplicates] == [("a", "duplicate_id")]
-    assert changes.summary() == {"unchanged": 1, "new": 1, "changed": 2, "deleted": 1, "to_read": 3}
+    assert changes.summary() == {"unchanged": 1, "new": 1, "changed": 2, "deleted": 1, "to_read": 3, "still_failed": 0}
     # Without a previous manifest everything is read; an unknown fingerprint is never "unchanged".
     assert len(detect_changes(listed[:4], None).to_read) == 4
     indexed = read_manifest(manifest_bytes([ImageRef("a", "r/a.jpg", SHA_A)]))
@@ -90,3 +90,30 @@ def test_unreadable_manifest_says_to_rebuild_in_full():
     for bad in (b"not json", b'{"format": 99, "references": []}', b'{"format": 1}'):
         with pytest.raises(ModerationError, match="--full"):
             read_manifest(bad)
+
+
+def test_failed_references_are_still_failed_while_their_fingerprint_is_unchanged():
+    from moderation.reference_changes import FailedReference
+
+    bad = FailedReference("bad", "r/bad.jpg", "9:e7", "truncated", "image file is truncated")
+    data = manifest_bytes([ImageRef("a", "r/a.jpg", SHA_A, "5:e1")], [bad])
+    manifest = read_manifest(data)
+    assert manifest.failed == {"bad": bad} and list(manifest.references) == ["a"]
+    listed = [ImageRef("a", "r/a.jpg", fingerprint="5:e1"), ImageRef("bad", "r/bad.jpg", fingerprint="9:e7")]
+    changes = detect_changes(listed, manifest)
+    assert changes.still_failed == [bad] and changes.to_read == [] and changes.replaced == []
+    assert changes.summary()["still_failed"] == 1
+    # Replaced (a new fingerprint): read again; deleted: simply gone.
+    replaced = detect_changes([listed[0], ImageRef("bad", "r/bad.jpg", fingerprint="11:e8")], manifest)
+    assert [r.image_id for r in replaced.to_read] == ["bad"] and not replaced.still_failed
+    assert detect_changes(listed[:1], manifest).deleted == []
+    # A shard read it since (a hint for the same fingerprint): it decoded, so it is added.
+    hinted = detect_changes(listed, manifest, {"r/bad.jpg": ("9:e7", SHA_B)})
+    assert [(r.image_id, r.sha256) for r in hinted.added] == [("bad", SHA_B)]
+
+
+def test_a_manifest_without_failed_references_still_loads():
+    old = b'{"format":1,"references":[["a","r/a.jpg","5:e1","' + SHA_A.encode() + b'"]]}'
+    manifest = read_manifest(old)
+    assert manifest.failed == {} and manifest.references["a"].sha256 == SHA_A
+    assert manifest_bytes([ImageRef("a", "r/a.jpg", SHA_A, "5:e1")]) == old  # no failure: the bytes as before

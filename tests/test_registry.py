@@ -210,3 +210,41 @@ def test_an_unreadable_manifest_is_an_integrity_error_and_is_skipped_in_listings
     with pytest.raises(ModerationError, match="names version m2, which has an unreadable manifest"):
         reg.current(Kind.MODEL)
     assert [r.version for r in reg.versions(Kind.MODEL)] == ["m1"]
+
+
+class NoWholeIndexTransfer(PassThrough):
+    """Refuses whole-object get/put of ``index.faiss``: it must be streamed through a file."""
+
+    def get(self, key):
+        assert not key.endswith("/index.faiss"), "the index file was read whole"
+        return self.inner.get(key)
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        assert not key.endswith("/index.faiss"), "the index file was written whole"
+        self.inner.put(key, data, content_type)
+
+    def put_file(self, key, path, content_type="application/octet-stream"):
+        self.inner.put_file(key, path, content_type)
+
+    def get_file(self, key, path):
+        self.inner.get_file(key, path)
+
+
+def test_a_file_artifact_is_streamed_and_checked(store, tmp_path):
+    """publish() takes a local Path and load_file() brings it back, checked, without whole-object transfers."""
+    reg = Registry(NoWholeIndexTransfer(store))
+    m = model("20250101T000000-aaaaaaaa")
+    reg.publish(Kind.MODEL, m, {"model.pt": b"weights"})
+    src = tmp_path / "index.faiss"
+    src.write_bytes(b"x" * (3 << 20))
+    rec = IndexVersion(version="20250101T000003-dddddddd", model_version=m.version, stats_version="s1",
+                       count=1, dim=64, factory="Flat", content_sha256="c")
+    stored = reg.publish(Kind.INDEX, rec, {"index.faiss": src, "ids.json": b"[]"})
+    assert stored.files["index.faiss"] == sha256_hex(src.read_bytes())
+    out = reg.load_file(Kind.INDEX, stored, "index.faiss", tmp_path / "back.faiss")
+    assert out.read_bytes() == src.read_bytes()
+    # A damaged object fails its sha256 check, and the damaged copy is not left behind.
+    store.put(reg.key_of(Kind.INDEX, stored, "index.faiss"), b"tampered")
+    with pytest.raises(IntegrityError):
+        reg.load_file(Kind.INDEX, stored, "index.faiss", tmp_path / "bad.faiss")
+    assert not (tmp_path / "bad.faiss").exists()
