@@ -195,7 +195,7 @@ def project(costs: dict, index: dict | None, gpu: dict | None, *, queries_per_da
     - search per day = queries x views per query x the per-search CPU seconds of the index ``auto``
       builds at that size (Flat below ``flat_max``, else the IVF default), scaled linearly from the
       large-index benchmark's size: exact search scans every vector, and the IVF default probes
-      1/64 of the lists (``max(16, nlist/64)``), so it too scans a fixed share of the vectors;
+      1/64 of the lists (``max(32, nlist/64)``), so it too scans a fixed share of the vectors;
     - storage: cached vector + local features + PDQ per reference, and the index's bytes per
       reference (Flat: 4 bytes a dimension; IVF: measured).
     GPU: hours of a full build's descriptor pass at ``gpu_bench.py``'s end-to-end images/s, when a

@@ -14,11 +14,13 @@ number of vectors ``n``:
   with a recall loss that nearest-neighbour ranking barely sees).
 
 ``nprobe`` (lists visited per query) is ``MODERATION_INDEX_NPROBE`` when
-set, else :func:`auto_nprobe` of ``nlist``, 1/64 of the lists. At 10M
-synthetic references ``benchmarks/large_index_bench.py`` reaches recall@10
-of 0.95 of exact search from nprobe 8 on its tuning queries; the rule keeps
-a margin (64 there, 2.4 % of exact search time) for data whose
-neighbourhoods cross list boundaries more than the generator's do.
+set, else :func:`auto_nprobe` of ``nlist``, 1/64 of the lists and at least
+32. At 10M synthetic references ``benchmarks/large_index_bench.py`` reaches
+recall@10 of 0.95 of exact search from nprobe 8 on its tuning queries; the
+rule keeps a margin (64 there, 2.4 % of exact search time) for data whose
+neighbourhoods cross list boundaries more than the generator's do. At 1M
+(1,024 lists) the tuning queries need more than 16 (0.945 at 16, 0.968 at
+32; ``benchmarks/results/large_index_1M.json``), hence the floor of 32.
 Any other factory string is used as given (FAISS ``index_factory`` syntax).
 """
 
@@ -86,8 +88,8 @@ def auto_nlist(n: int) -> int:
 
 
 def auto_nprobe(nlist: int) -> int:
-    """Lists probed per query for ``nlist`` lists: 1/64 of them, at least 16 (see the module docstring)."""
-    return max(16, nlist // 64)
+    """Lists probed per query for ``nlist`` lists: 1/64 of them, at least 32 (see the module docstring)."""
+    return max(32, nlist // 64)
 
 
 def auto_factory(n: int, flat_max: int = DEFAULT_FLAT_MAX) -> str:

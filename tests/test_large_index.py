@@ -59,7 +59,7 @@ def test_auto_is_flat_below_the_threshold_and_ivf_sq8_above():
     assert plan_index(999, "auto", opts).factory == "Flat"
     assert plan_index(999, "auto", opts).nprobe is None
     big = plan_index(1000, "auto", opts)
-    assert big.factory == "IVF64,SQ8" and big.nprobe == 16 and big.train_size == 1000
+    assert big.factory == "IVF64,SQ8" and big.nprobe == 32 and big.train_size == 1000
     assert plan_index(10_000_000, "auto").factory == "IVF4096_HNSW32,SQ8"
     assert plan_index(1_000_000, "auto").factory == "IVF1024,SQ8"
     assert plan_index(500_000, "AUTO").factory == "Flat"
@@ -67,7 +67,7 @@ def test_auto_is_flat_below_the_threshold_and_ivf_sq8_above():
 
 def test_nlist_and_nprobe_grow_with_size_and_settings_override_nprobe():
     assert [auto_nlist(n) for n in (10, 1_000_000, 10_000_000, 100_000_000)] == [64, 1024, 4096, 16384]
-    assert auto_nprobe(64) == 16 and auto_nprobe(16384) == 256
+    assert auto_nprobe(64) == 32 and auto_nprobe(1024) == 32 and auto_nprobe(16384) == 256
     assert plan_index(10_000_000, "auto", IndexOptions(nprobe=40)).nprobe == 40
     assert plan_index(5000, "IVF8,Flat", IndexOptions(nprobe=40)).nprobe == 8  # never more than nlist
     assert plan_index(10_000_000, "auto").train_size == 40 * 4096
@@ -91,10 +91,10 @@ def test_build_index_resolves_auto_and_records_the_resolved_factory():
     small = build_index(x, ids_of(3000), "auto", options=IndexOptions(flat_max=5000))
     assert small.factory == "Flat" and small.nprobe is None
     big = build_index(x, ids_of(3000), "auto", options=IndexOptions(flat_max=2000))
-    assert big.factory == "IVF64,SQ8" and big.nprobe == 16
+    assert big.factory == "IVF64,SQ8" and big.nprobe == 32
     assert faiss.extract_index_ivf(big.index).nlist == 64
     meta_roundtrip = ReferenceIndex.deserialise(*big.serialise())
-    assert (meta_roundtrip.factory, meta_roundtrip.nprobe) == ("IVF64,SQ8", 16)
+    assert (meta_roundtrip.factory, meta_roundtrip.nprobe) == ("IVF64,SQ8", 32)
 
 
 def test_build_index_reads_the_settings_when_given_no_options(monkeypatch):
@@ -117,7 +117,7 @@ def test_search_uses_the_index_nprobe():
     idx.nprobe = 1
     _, got_one = idx.search(q, 10)
     assert got_one != want  # one list misses neighbours: nprobe reached FAISS
-    assert faiss.extract_index_ivf(idx.index).nprobe == 16  # and the index itself was not changed
+    assert faiss.extract_index_ivf(idx.index).nprobe == 32  # and the index itself was not changed
 
 
 @pytest.mark.parametrize("factory", ["IVF64,SQ8", "IVF64_HNSW32,SQ8"])
@@ -177,7 +177,7 @@ def test_streamed_build_reads_the_source_in_two_passes_of_chunks():
     idx = build_index_streaming(source, 6000, "IVF16,SQ8", IndexOptions(train_size=640))
     assert len(idx) == 6000 and len(seen_arrays) == 12  # two passes, six chunks each
     ivf = faiss.extract_index_ivf(idx.index)
-    assert ivf.cp.niter == 10 and idx.nprobe == 16
+    assert ivf.cp.niter == 10 and idx.nprobe == 16  # the floor of 32, capped at the 16 lists
 
 
 def test_streamed_build_refuses_a_source_that_changed_or_repeats_ids():
