@@ -44,13 +44,19 @@ def empty(tmp_path_factory):
     h.drop_database(review_db)
 
 
+# Trigger rules under which a task whose upstream tasks were all skipped is skipped too. all_success is
+# the default; none_failed_min_one_success lets the index build run after a fill mapped over nothing
+# (an incremental night) and still needs one upstream success, which a skipped run never has.
+SKIP_CARRYING = {"all_success", "none_failed_min_one_success"}
+
+
 def test_the_skip_reaches_every_downstream_task(empty):
-    """The default trigger rule (all_success) carries the first task's skip through the run."""
+    """Every downstream task's trigger rule carries the first task's skip through the run."""
     for dag_id, (check, _) in CHECKS.items():
         dag = empty[dag_id]
         downstream = dag.get_task(check).get_flat_relatives(upstream=False)
         assert downstream, dag_id
-        assert {t.trigger_rule for t in downstream} == {"all_success"}, dag_id
+        assert {str(getattr(t.trigger_rule, "value", t.trigger_rule)) for t in downstream} <= SKIP_CARRYING, dag_id
 
 
 @pytest.mark.parametrize("dag_id", list(CHECKS))
