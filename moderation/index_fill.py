@@ -82,8 +82,9 @@ def ordered_chunks(cache: VectorCache, refs: Sequence[ImageRef], apply: Apply,
                    read_again: ReadAgain) -> Iterator[Chunk]:
     """(``apply``-ed vectors, ids) of ``refs``, a cache part at a time, in :func:`fill_order`.
 
-    ``cache`` must be a fresh instance for each pass (it holds nothing in
-    memory). Refs whose vector the cache lost (a part gone or corrupt) come
+    ``cache`` must hold nothing in memory (a fresh instance, or one only
+    ever streamed from: streaming keeps nothing, so it serves every pass).
+    Refs whose vector the cache lost (a part gone or corrupt) come
     last, from ``read_again``. Every ref comes exactly once.
     """
     ids_of: dict[str, list[str]] = {}

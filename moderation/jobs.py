@@ -21,6 +21,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,7 +41,7 @@ from moderation.matching import Candidate, candidates_csv, flagged, verification
 from moderation.metrics import read_ground_truth
 from moderation.model_versions import LoadedModel, ensure_current_model, load_model
 from moderation.pdq import BYTES as PDQ_BYTES
-from moderation.pdq import PdqConfig, PdqIndex, pdq_cache
+from moderation.pdq import PdqConfig, PdqIndex, codes_from_rows, pdq_cache
 from moderation.pdq_matching import PDQ_FILE, merge_pairs
 from moderation.reference_controls import Controls, read_controls, register_banks
 from moderation.registry import (Calibration, IndexVersion, Kind, ModelVersion, Registry,
@@ -278,8 +279,12 @@ class PreparedIndex:
 
     def fill_refs(self, start: int = 0, stop: int | None = None) -> list[ImageRef]:
         """The refs of ``fill[start:stop]``, in fill order."""
-        by_id = {r.image_id: r for r in self.refs}
-        return [by_id[i] for i in self.fill[start:stop]]
+        return [self.ref_by_id[i] for i in self.fill[start:stop]]
+
+    @cached_property
+    def ref_by_id(self) -> dict[str, ImageRef]:
+        """Id -> ref, built once (``refs`` do not change after preparation; at 10M the map costs a gigabyte)."""
+        return {r.image_id: r for r in self.refs}
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: no deep copy of every ref
@@ -429,19 +434,20 @@ def plan_fill(p: Pipeline, prepared: PreparedIndex, fill_shard_size: int | None 
     """Set ``prepared``'s fill order and ranges (reads the vector cache's manifests; no vector)."""
     from moderation.index_fill import fill_order, fill_ranges
 
-    by_id = {r.image_id: r for r in prepared.refs}
     cache = VectorCache(p.store, prepared.model_version, Namespace.REFERENCES)
-    prepared.fill = [r.image_id for r in fill_order(cache, [by_id[i] for i in prepared.kept])]
+    prepared.fill = [r.image_id for r in fill_order(cache, [prepared.ref_by_id[i] for i in prepared.kept])]
     prepared.ranges = fill_ranges(len(prepared.fill), fill_shard_size or p.settings.index_fill_shard_size,
                                   max_fill_shards)
 
 
-def train_fill_template(p: Pipeline, prepared: PreparedIndex, post: Postprocessor, read_again) -> ReferenceIndex:
+def train_fill_template(p: Pipeline, prepared: PreparedIndex, post: Postprocessor, read_again,
+                        cache: VectorCache | None = None) -> ReferenceIndex:
     """The trained, empty index every range of a full build fills a copy of.
 
     Trained on the planned sample of every kept vector, streamed from the
     vector cache in fill order (``read_again(refs)``: raw vectors of refs
-    the cache lost). Raises ModerationError when nothing is kept.
+    the cache lost). ``cache``: an instance holding nothing in memory to
+    stream from (default: a fresh one). Raises ModerationError when nothing is kept.
     """
     from moderation.index_fill import ordered_chunks
     from moderation.index_stream import train_empty_index
@@ -449,14 +455,13 @@ def train_fill_template(p: Pipeline, prepared: PreparedIndex, post: Postprocesso
     if not prepared.fill:
         raise ModerationError("no reference vectors to index")
     refs = prepared.fill_refs()
-    return train_empty_index(
-        lambda: ordered_chunks(VectorCache(p.store, prepared.model_version, Namespace.REFERENCES), refs,
-                               post.apply, read_again),
-        len(refs), prepared.factory, IndexOptions.from_settings(p.settings))
+    cache = cache if cache is not None else VectorCache(p.store, prepared.model_version, Namespace.REFERENCES)
+    return train_empty_index(lambda: ordered_chunks(cache, refs, post.apply, read_again),
+                             len(refs), prepared.factory, IndexOptions.from_settings(p.settings))
 
 
 def fill_range(p: Pipeline, model_version: str, template: ReferenceIndex, refs: list[ImageRef],
-               post: Postprocessor, read_again) -> ReferenceIndex:
+               post: Postprocessor, read_again, cache: VectorCache | None = None) -> ReferenceIndex:
     """A copy of ``template`` holding ``refs`` (one range of the fill order), streamed from the vector cache.
 
     See :func:`moderation.index_shards.build_shard`. Raises ModerationError
@@ -466,8 +471,8 @@ def fill_range(p: Pipeline, model_version: str, template: ReferenceIndex, refs: 
     from moderation.index_fill import ordered_chunks
     from moderation.index_shards import build_shard
 
-    shard = build_shard(template, ordered_chunks(VectorCache(p.store, model_version, Namespace.REFERENCES),
-                                                 refs, post.apply, read_again))
+    cache = cache if cache is not None else VectorCache(p.store, model_version, Namespace.REFERENCES)
+    shard = build_shard(template, ordered_chunks(cache, refs, post.apply, read_again))
     if len(shard) != len(refs):
         raise ModerationError(f"a fill range yielded {len(shard)} vectors for {len(refs)} references; "
                               "the vector cache changed during the build: build again")
@@ -478,9 +483,12 @@ def fill_index(p: Pipeline, prepared: PreparedIndex, post: Postprocessor, read_a
     """A full build's index in one process: the template, every range filled in turn, merged in range order."""
     from moderation.index_shards import merge_shards
 
-    template = train_fill_template(p, prepared, post, read_again)
+    # One cache instance for every pass: streaming keeps nothing in it, and at 10M references each new
+    # instance would parse every part's manifest again.
+    cache = VectorCache(p.store, prepared.model_version, Namespace.REFERENCES)
+    template = train_fill_template(p, prepared, post, read_again, cache)
     return merge_shards([fill_range(p, prepared.model_version, template, prepared.fill_refs(start, stop), post,
-                                    read_again) for start, stop in prepared.ranges])
+                                    read_again, cache) for start, stop in prepared.ranges])
 
 
 def keep_current_index(p: Pipeline, prepared: PreparedIndex) -> IndexVersion:
@@ -509,8 +517,7 @@ def publish_reference_index(p: Pipeline, prepared: PreparedIndex, reader: Refere
 
     stats = p.registry.manifest(Kind.STATS, prepared.stats_version, model_version=prepared.model_version)
     post, _ = p.load_stats(stats)
-    refs, banks = prepared.refs, prepared.banks
-    by_id = {r.image_id: r for r in refs}
+    refs, banks, by_id = prepared.refs, prepared.banks, prepared.ref_by_id
     kept, held_ids = prepared.kept, prepared.held
     base_held: dict[str, np.ndarray] = {}
 
@@ -553,7 +560,8 @@ def publish_reference_index(p: Pipeline, prepared: PreparedIndex, reader: Refere
     info = prepared.info
     # A forced full build must publish even the content in force, also within the second that published it.
     record = IndexVersion(version=new_version_id("" if prepared.forced else prepared.content),
-                          model_version=prepared.model_version, stats_version=prepared.stats_version, count=len(index), dim=index.dim,
+                          model_version=prepared.model_version, stats_version=prepared.stats_version,
+                          count=len(index), dim=index.dim,
                           factory=index.factory, content_sha256=prepared.content,
                           info={"failures": info["failures"], "cached": info["cached"],
                                 "local_features": info["local_features"], "banks": dict(Counter(banks.values())),
@@ -592,8 +600,10 @@ def _held_out(p: Pipeline, banks: dict[str, str]) -> set[str]:
     """
     held = read_controls(p.db).removed(banks)
     return held if len(held) < len(banks) else set()
+
+
 def reference_pdq(p: Pipeline, refs: list[ImageRef], cache: VectorCache | None = None) -> PdqIndex | None:
-    """The references' PDQ hashes, in ``refs`` order, from the PDQ cache the embedding filled; None if MODERATION_PDQ is off.
+    """The references' PDQ hashes in ``refs`` order, from the PDQ cache the embedding filled (None: PDQ off).
 
     The cache is streamed a part at a time into one array (no object per
     hash: 10M references hold 330 MB, not gigabytes). ``cache`` is the
@@ -610,14 +620,14 @@ def reference_pdq(p: Pipeline, refs: list[ImageRef], cache: VectorCache | None =
     quality = np.full(len(refs), -1, np.int16)
     found = np.zeros(len(refs), bool)
     for shas, rows in cache.stream(list(position)):
-        if rows.shape[1] != PDQ_BYTES + 1:  # not PDQ rows: as if uncached
+        try:
+            part_codes, part_quality = codes_from_rows(rows)
+        except ValueError:  # not PDQ rows: as if uncached
             continue
         at = [position[sha] for sha in shas]
         rows_of = np.repeat(np.arange(len(shas)), [len(a) for a in at])
         where = np.fromiter((i for a in at for i in a), np.int64, count=len(rows_of))
-        codes[where] = rows[rows_of, :PDQ_BYTES].astype(np.uint8)
-        quality[where] = np.maximum(rows[rows_of, PDQ_BYTES], -1).astype(np.int16)
-        found[where] = True
+        codes[where], quality[where], found[where] = part_codes[rows_of], part_quality[rows_of], True
     if not found.all():
         log.warning("%d of %d references have no PDQ hash", int((~found).sum()), len(refs))
     keep = np.flatnonzero(found)

@@ -88,6 +88,18 @@ class PdqHash:
         return cls(bytes(int(v) for v in values[:BYTES]), None if quality < 0 else quality)
 
 
+def codes_from_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, qualities) of many cached rows at once (:meth:`PdqHash.to_row`'s form), no object per hash.
+
+    Codes are uint8 (n, 32); qualities int16 with -1 for unknown, as
+    :class:`PdqIndex` holds them. ValueError for rows of another width.
+    """
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or rows.shape[1] != BYTES + 1:
+        raise ValueError("not cached PDQ rows")
+    return rows[:, :BYTES].astype(np.uint8), np.maximum(rows[:, BYTES], -1).astype(np.int16)
+
+
 def compute_pdq(image) -> PdqHash:
     """The PDQ hash of an RGB image (PIL image or HxWx3 uint8 array); never raises on image content."""
     import pdqhash

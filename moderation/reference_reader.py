@@ -86,13 +86,12 @@ class ReferenceReader:
         if not refs:
             return []
         missing: dict[str, str] = {}
+        # Membership from the caches' manifests: no copy of every known sha (a gigabyte each at 10M).
         if need_vectors:
-            known = self.cache.known()
-            missing.update((r.image_id, "vector") for r in refs if r.sha256 not in known)
+            missing.update((r.image_id, "vector") for r in refs if r.sha256 not in self.cache)
         if self.pdq is not None:
-            known = self.pdq.known()
             missing.update((r.image_id, "PDQ hash") for r in refs
-                           if r.sha256 not in known and r.image_id not in missing)
+                           if r.sha256 not in self.pdq and r.image_id not in missing)
         if self.feature_cache is not None:
             known = self.feature_known()
             missing.update((r.image_id, "local features") for r in refs

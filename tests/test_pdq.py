@@ -292,3 +292,17 @@ def test_banks_are_versioned_and_checked(tmp_path):
     store.put(second.key, b"signal_type,signal_value,id,quality\n")
     with pytest.raises(IntegrityError):
         load_bank(store, "partner")
+
+
+def test_codes_from_rows_reads_many_cached_rows_as_from_row_reads_one():
+    from moderation.pdq import codes_from_rows
+
+    hashes = [PdqHash(bytes(range(i, i + 32)), q) for i, q in ((0, 100), (7, None), (200 - 32, 0))]
+    rows = np.stack([h.to_row() for h in hashes])
+    codes, quality = codes_from_rows(rows)
+    assert codes.dtype == np.uint8 and quality.dtype == np.int16
+    back = [PdqHash.from_row(r) for r in rows]
+    assert [bytes(c) for c in codes] == [h.bits for h in back] == [h.bits for h in hashes]
+    assert list(quality) == [-1 if h.quality is None else h.quality for h in back] == [100, -1, 0]
+    with pytest.raises(ValueError):
+        codes_from_rows(np.zeros((2, 512), np.float32))  # a descriptor part, not PDQ rows
